@@ -1,0 +1,14 @@
+"""diffsample: inference-time sampling and guidance for diffusion models.
+
+Subpackages (dependencies run one way, ``solvers <- guidance <- samplers <- cli``):
+
+* :mod:`diffsample.solvers` -- noise schedules, step schedules and solver steps (pure numerics);
+* :mod:`diffsample.guidance` -- guidance terms (denoiser -> denoiser transforms);
+* :mod:`diffsample.samplers` -- the sampling loop, seeds, model adapters;
+* :mod:`diffsample.testbed` -- the exact Gaussian-mixture model and the bundled MNIST model;
+* :mod:`diffsample.cli` -- the ``diffsample`` command.
+
+This file stays free of eager imports (DESIGN.md section 6.1).
+"""
+
+__version__ = "0.1.0"

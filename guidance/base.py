@@ -1,0 +1,45 @@
+"""Guidance-layer types: conditioning, the conditional denoiser, and a guidance term.
+
+A guidance term maps a :class:`Denoiser` to a :class:`Denoiser` (DESIGN.md section 2.1, principle
+5), so every term works with every solver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from diffsample.solvers.base import NoiseSchedule
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Conditioning handed to a denoiser.
+
+    Attributes:
+        positive: model keyword arguments of the conditional branch (e.g. ``class_labels`` of shape
+            ``(B,)``, ``encoder_hidden_states``).
+        negative: keyword arguments of the unconditional / negative branch, or ``None``.
+    """
+
+    positive: Mapping[str, Any] = field(default_factory=dict)
+    negative: Mapping[str, Any] | None = None
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``(x, t, cond) -> denoised``: ``x`` is ``(B, *dims)`` in native space, ``t`` is ``(B,)`` in
+    ``noise_schedule`` time; returns the data prediction with the shape of ``x``."""
+
+    noise_schedule: NoiseSchedule
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor: ...
+
+
+class Guidance(Protocol):
+    """A guidance term: wraps a denoiser into a guided denoiser."""
+
+    def __call__(self, denoiser: Denoiser) -> Denoiser: ...

@@ -1,0 +1,10 @@
+"""Orchestration: the sampling loop, per-sample seeds and model adapters."""
+
+from .denoisers import ModelDenoiser, from_eps, from_v, from_velocity, from_x0
+from .sampler import NonFiniteError, SampleResult, Sampler, StepInfo, prior_scale
+from .seeds import SeededNoiseFn, seeded_noise
+
+__all__ = [
+    "ModelDenoiser", "NonFiniteError", "SampleResult", "Sampler", "SeededNoiseFn", "StepInfo",
+    "from_eps", "from_v", "from_velocity", "from_x0", "prior_scale", "seeded_noise",
+]

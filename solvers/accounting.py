@@ -1,0 +1,33 @@
+"""Counting model evaluations (``model_evals``, DESIGN.md section 6.3).
+
+Network adapters call :func:`add_model_evals` with the number of *rows* they pass through the
+network (a CFG call on a doubled batch adds ``2 B``; a VJP pass adds ``2 B`` as it counts as two
+forward-equivalents). The sampler opens :func:`count_model_evals` around a run and divides the
+total by the batch size, giving forward-equivalents per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_COUNTER: ContextVar[list[float] | None] = ContextVar("diffsample_model_evals", default=None)
+
+
+def add_model_evals(rows: float) -> None:
+    """Record ``rows`` network rows (forward-equivalents x batch items); no-op outside a counter."""
+    counter = _COUNTER.get()
+    if counter is not None:
+        counter[0] += rows
+
+
+@contextmanager
+def count_model_evals() -> Iterator[list[float]]:
+    """Context manager yielding a one-element list holding the running row count."""
+    counter = [0.0]
+    token = _COUNTER.set(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTER.reset(token)

@@ -1,0 +1,71 @@
+"""Euler / DDIM, deterministic or ancestral."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ._math import ancestral_split
+from .base import Denoise, Grid, NoiseFn, call_denoise, require_noise
+
+
+@dataclass(frozen=True)
+class Euler:
+    r"""Euler step of the probability-flow ODE in VE coordinates ``(x / alpha, sigma / alpha)``.
+
+    With ``s = sigma / alpha`` and ``D`` the denoiser output at ``x_i``:
+
+    ``x_{i+1} / alpha_{i+1} = D + (s_down / s_i) (x_i / alpha_i - D) + s_up z``
+
+    where ``(s_down, s_up)`` = k-diffusion ``get_ancestral_step(s_i, s_{i+1}, eta)``.
+
+    * ``eta = 0``: deterministic; identical to DDIM (Song et al. 2020, arXiv 2010.02502 eq. 12) and
+      to DPM-Solver++(1) (arXiv 2211.01095 eq. 8), and for rectified flow to the flow-matching Euler
+      step ``x + (t_{i+1} - t_i) v``. Order 1.
+    * ``eta = 1``: ancestral sampling, the DDPM posterior step (Ho et al. 2020, arXiv 2006.11239);
+      ``eta`` matches DDIM's eta exactly. Consumes ``noise_fn``.
+
+    Stages: 1 denoiser call per step. Not to be confused with the Euler-Maruyama step of the
+    reverse SDE.
+
+    Raises:
+        ValueError: ``eta < 0``.
+    """
+
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @property
+    def order(self) -> int:
+        return 1
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def init(self, x: Tensor, grid: Grid) -> None:
+        return None
+
+    def nfe(self, grid: Grid) -> int:
+        return grid.steps
+
+    def step(
+        self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: None, noise_fn: NoiseFn | None = None
+    ) -> tuple[Tensor, None]:
+        alpha, alpha_next = grid.alpha_list[i], grid.alpha_list[i + 1]
+        sigma, sigma_next = grid.sigma_list[i], grid.sigma_list[i + 1]
+        denoised = call_denoise(denoise, x, grid.t_list[i])
+        s, s_next = sigma / alpha, sigma_next / alpha_next
+        s_down, s_up = ancestral_split(s, s_next, self.eta)
+        # Deterministic move to s_down along the tangent through denoised.
+        ratio = s_down / s
+        x_next = (alpha_next * ratio / alpha) * x + (alpha_next * (1.0 - ratio)) * denoised
+        # Fresh noise for the rest of the way to s_next.
+        if s_up > 0:
+            z = require_noise(noise_fn, self)(sigma, sigma_next)
+            x_next = x_next + (alpha_next * s_up) * z
+        return x_next, None
