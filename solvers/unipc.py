@@ -51,7 +51,9 @@ class UniPC:
     ``UniPCMultistepScheduler``.
 
     Lower orders are used while history builds up. With ``lower_order_final`` the predictor
-    order on step ``i`` is at most ``steps - i`` (diffusers' rule). The step that ends at
+    order on step ``i`` is at most ``steps - i`` (diffusers' rule): more stable at few steps, but
+    on a run that stops at ``sigma > 0`` the uncorrected first-order last step then adds an
+    ``O(h^2)`` term; the asymptotic order below holds with ``lower_order_final=False``. The step that ends at
     ``sigma = 0`` is the first-order limit ``x = D`` (diffusers' bh1 returns NaN there).
 
     Stages: 1 denoiser call per step. Deterministic order: ``order + 1`` with the corrector,
