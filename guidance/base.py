@@ -43,3 +43,24 @@ class Guidance(Protocol):
     """A guidance term: wraps a denoiser into a guided denoiser."""
 
     def __call__(self, denoiser: Denoiser) -> Denoiser: ...
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a model offers to guidance terms built from the registry (``GUIDANCE.create(spec,
+    resources=...)``); a term that needs a missing resource raises a ``ValueError`` naming it.
+
+    Attributes:
+        classifier: noise-aware classifier ``(x_t, t) -> logits (B, num_classes)``, ``t`` in the
+            model's noise-schedule time (e.g. the bundled MNIST ``NoisyDigitClassifier``).
+        clean_classifier: classifier on clean samples ``x0 -> logits`` (Tweedie plug-in).
+        num_classes: number of classes of a class-conditional model, or ``None``.
+        conditional: whether the denoiser accepts a condition with a negative (null) branch.
+        decode: latent -> sample decoder for rewards on decoded samples, or ``None``.
+    """
+
+    classifier: Any = None
+    clean_classifier: Any = None
+    num_classes: int | None = None
+    conditional: bool = False
+    decode: Any = None
