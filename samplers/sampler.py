@@ -112,6 +112,9 @@ class Sampler:
         on the global generator; use :class:`~diffsample.samplers.seeds.SeededNoiseFn` for
         per-sample seeds).
 
+        The loop runs under ``torch.no_grad()``; a term that needs gradients (reward guidance,
+        Stein probes) opens ``torch.enable_grad()`` itself.
+
         Raises:
             NonFiniteError: the denoiser returned NaN/inf (unless ``allow_nonfinite``).
         """
@@ -136,7 +139,9 @@ class Sampler:
             return out
 
         start = time.perf_counter()
-        with count_model_evals() as rows:
+        # No autograd graph by default; guidance terms and Stein probes that need gradients open
+        # ``torch.enable_grad()`` locally.
+        with count_model_evals() as rows, torch.no_grad():
             state = self.solver.init(x, grid)
             for i in tqdm(range(grid.steps), disable=not self.progress, leave=False, desc="sampling"):
                 current = i
