@@ -12,3 +12,12 @@ This file stays free of eager imports (DESIGN.md section 6.1).
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Lazy top-level API (keeps ``import diffsample`` free of heavy imports)."""
+    if name == "generate":
+        from diffsample.samplers.generate import generate
+
+        return generate
+    raise AttributeError(f"module 'diffsample' has no attribute {name!r}")

@@ -1,0 +1,155 @@
+"""``diffsample.generate``: the main job as a Python function (the CLI is a thin layer over it)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffsample.guidance import CFG, GUIDANCE
+from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+
+from .models import LoadedModel, load_model
+from .sampler import Sampler
+from .seeds import SeededNoiseFn, seeded_noise
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "karras", 20
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """Images and the run record of :func:`generate`.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
+        samples: ``(N, C, H, W)`` raw final samples (model space, CPU).
+        record: JSON-serialisable run record: parameters, seeds, classes, ``nfe``, ``model_evals``,
+            wall time and package versions.
+    """
+
+    images: Tensor
+    samples: Tensor
+    record: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine the numbers."""
+    import diffusers
+
+    import diffsample
+
+    return {"diffsample": diffsample.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version()}
+
+
+def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", progress: bool = False) -> Sampler:
+    """A :class:`Sampler` from registry specs (``"dpmpp_2m"``, ``"karras:rho=5"``).
+
+    Raises:
+        ValueError: unknown names (the message lists the valid ones), bad options or ``steps < 1``.
+    """
+    return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress)
+
+
+def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None):
+    """Wrap ``model.denoiser`` with the guidance terms named in ``guidance`` (applied in order), then
+    CFG at ``cfg_scale`` if given.
+
+    Raises:
+        ValueError: unknown guidance name, bad options, or a term the model cannot support.
+    """
+    denoiser = model.denoiser
+    for spec in guidance:
+        denoiser = GUIDANCE.create(spec, resources=model.resources)(denoiser)
+    if cfg_scale is not None:
+        if not model.resources.conditional:
+            raise ValueError(f"--cfg-scale needs a conditional model; {model.name!r} is unconditional")
+        denoiser = CFG(cfg_scale)(denoiser)
+    return denoiser
+
+
+def default_classes(model: LoadedModel, n: int, class_label: int | None) -> Tensor | None:
+    """Class labels per sample: ``class_label`` for all, or ``0, 1, ..., 9, 0, ...`` by sample index
+    (so a default grid shows every digit); ``None`` for unconditional models."""
+    if model.num_classes is None:
+        if class_label is not None:
+            raise ValueError(f"--class needs a class-conditional model; {model.name!r} is unconditional")
+        return None
+    if class_label is not None:
+        if not 0 <= class_label < model.num_classes:
+            raise ValueError(f"class {class_label} is outside 0..{model.num_classes - 1}")
+        return torch.full((n,), class_label, dtype=torch.long)
+    return torch.arange(n) % model.num_classes
+
+
+def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SOLVER, schedule: str = DEFAULT_SCHEDULE,
+             steps: int = DEFAULT_STEPS, guidance: Sequence[str] = (), cfg_scale: float | None = None,
+             class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
+             num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
+             final: str = "zero", progress: bool = False) -> GenerateResult:
+    """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
+
+    The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
+    batched floating-point arithmetic). All arguments are validated before any sampling.
+
+    Args:
+        model: ``None`` / ``"mnist"`` (bundled), a diffusers model folder, or a :class:`LoadedModel`.
+        solver, schedule: registry specs (``diffsample list``), e.g. ``"unipc_bh2:predictor_order=3"``.
+        steps: grid intervals (>= 1).
+        guidance: guidance specs ``NAME[:key=value,...]`` applied in order.
+        cfg_scale: classifier-free guidance scale (conditional models), or ``None``.
+        class_label: one class for every sample; default: sample index mod ``num_classes``.
+        classes: explicit per-sample classes (overrides ``class_label``).
+        seed, num_samples, batch_size: seeds ``seed .. seed + num_samples - 1``, processed in
+            batches of ``batch_size``.
+        device, dtype: where the network runs; ``dtype`` in ``fp32``, ``fp16``, ``bf16``.
+        final: ``"zero"`` (denoise to sigma = 0) or ``"last"``.
+
+    Raises:
+        ValueError: any bad argument (unknown names list the valid choices).
+    """
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=DTYPES[dtype])
+    guided = build_guided(loaded, guidance, cfg_scale)
+    if classes is not None:
+        labels = torch.as_tensor(list(classes), dtype=torch.long)
+        if labels.numel() != num_samples:
+            raise ValueError(f"classes has {labels.numel()} entries for {num_samples} samples")
+    else:
+        labels = default_classes(loaded, num_samples, class_label)
+    loaded.cond(labels[:1] if labels is not None else None)  # validates the labels' range
+    seeds = list(range(seed, seed + num_samples))
+    outputs, nfe, model_evals = [], 0, 0.0
+    start = time.perf_counter()
+    for lo in range(0, num_samples, batch_size):
+        batch_seeds = seeds[lo:lo + batch_size]
+        noise = seeded_noise(batch_seeds, loaded.sample_shape, device=loaded.device)
+        cond = loaded.cond(labels[lo:lo + batch_size] if labels is not None else None)
+        noise_fn = SeededNoiseFn(batch_seeds, loaded.sample_shape, device=loaded.device)
+        result = sampler(guided, noise, cond, noise_fn=noise_fn)
+        outputs.append(result.x.float().cpu())
+        nfe, model_evals = result.nfe, result.model_evals
+    samples = torch.cat(outputs)
+    record = {
+        "model": loaded.name, "solver": solver, "schedule": schedule, "steps": steps, "final": final,
+        "guidance": list(guidance), "cfg_scale": cfg_scale, "seeds": seeds,
+        "classes": labels.tolist() if labels is not None else None,
+        "nfe": nfe, "model_evals": model_evals, "wall_time_s": round(time.perf_counter() - start, 4),
+        "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
+        "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return GenerateResult(images=loaded.to_images(samples), samples=samples, record=record)
