@@ -58,15 +58,29 @@ class ModelDenoiser:
         self.prediction_type = prediction_type
         self.time_fn = time_fn or (lambda t: t)
         self.model_dtype = model_dtype
+        self._coefficients: dict[float, tuple[float, float]] = {}
+
+    def _alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """``alpha(t), sigma(t)`` broadcastable to ``like``: Python floats, cached per time, when the
+        whole batch shares one ``t`` (the sampler's case, which keeps the per-step overhead low)."""
+        if torch.equal(t, t[:1].expand_as(t)):
+            key = float(t[0])
+            if key not in self._coefficients:
+                if len(self._coefficients) > 4096:
+                    self._coefficients.clear()
+                t64 = torch.tensor([key], dtype=torch.float64)
+                self._coefficients[key] = (float(self.noise_schedule.alpha(t64)), float(self.noise_schedule.sigma(t64)))
+            return self._coefficients[key]
+        t64 = t.to(torch.float64)
+        return (append_dims(self.noise_schedule.alpha(t64).to(like), like.ndim),
+                append_dims(self.noise_schedule.sigma(t64).to(like), like.ndim))
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         kwargs: Mapping[str, Any] = cond.positive if cond is not None else {}
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         add_model_evals(x.shape[0])
         out = self.model_fn(x_in, self.time_fn(t), **kwargs).to(x.dtype)
-        t64 = t.to(torch.float64)
-        alpha = append_dims(self.noise_schedule.alpha(t64).to(x), x.ndim)
-        sigma = append_dims(self.noise_schedule.sigma(t64).to(x), x.ndim)
+        alpha, sigma = self._alpha_sigma(t, x)
         if self.prediction_type == "epsilon":
             return (x - sigma * out) / alpha
         if self.prediction_type == "v_prediction":
