@@ -77,7 +77,11 @@ def run_sweep(model: LoadedModel, out_dir: str | os.PathLike, *, solvers: Sequen
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {cell_key(r): r for r in read_results(out_dir)}
     rows = []
-    with open(out_dir / RESULTS, "a") as fh:
+    path = out_dir / RESULTS
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with open(path, "a") as fh:  # a crash left a torn last line: start the next row on a fresh line
+            fh.write("\n")
+    with open(path, "a") as fh:
         for solver, schedule, n, terms in cells:
             key_row = {"model": model.name, "solver": solver, "schedule": schedule, "steps": n,
                        "guidance": list(terms), "cfg_scale": cfg_scale, "num_samples": num_samples, "seed": seed}

@@ -41,11 +41,18 @@ def log(msg: str) -> None:
 
 
 @torch.inference_mode()
-def sample(unet, scheduler, num_steps: int, labels: torch.Tensor, seed: int, batch: int) -> torch.Tensor:
-    """Sample len(labels) images with a diffusers scheduler (state reset per batch)."""
+def sample(unet, scheduler, num_steps: int, labels: torch.Tensor, seed: int, batch: int, deadline: float | None = None, cache: Path | None = None) -> torch.Tensor:
+    """Sample len(labels) images with a diffusers scheduler (state reset per batch).
+
+    With ``deadline`` (a ``time.time()`` value) it stops after the first batch that ends past it and
+    returns only the images done so far (a prefix of ``labels``); ``cache`` saves them after each batch.
+    """
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(labels), batch):
+        if deadline is not None and out and time.time() > deadline:
+            log(f"time budget reached after {sum(len(o) for o in out)} of {len(labels)} samples")
+            break
         y = labels[i : i + batch]
         scheduler.set_timesteps(num_steps)
         x = torch.randn((len(y), 1, 16, 16), generator=gen) * scheduler.init_noise_sigma
@@ -53,6 +60,10 @@ def sample(unet, scheduler, num_steps: int, labels: torch.Tensor, seed: int, bat
             eps = unet(scheduler.scale_model_input(x, t), t, class_labels=y).sample
             x = scheduler.step(eps, t, x, generator=gen).prev_sample
         out.append(x)
+        if cache is not None:
+            done = torch.cat(out)
+            np.savez_compressed(cache, images=to_uint8(done), labels=labels[: len(done)].numpy())
+            log(f"  {len(done)}/{len(labels)} samples done")
     return torch.cat(out)
 
 
@@ -71,25 +82,27 @@ def write(out: Path, res: dict) -> None:
     out.write_text(json.dumps(res, indent=2))
 
 
-def run_sampler(name, make_sched, steps, unet, labels, seeds, batch, res, out) -> None:
+def run_sampler(name, make_sched, steps, unet, labels, seeds, batch, res, out, deadline=None) -> None:
     entry = res.setdefault("samplers", {}).setdefault(name, {})
     for s in steps:
         per = []
         for seed in seeds:
             sched = make_sched()
             t0 = time.time()
-            x = sample(unet, sched, s, labels, seed, batch)
-            dt = time.time() - t0
-            fd, acc = mnist_fd(x), class_accuracy(x, labels)
-            per.append(dict(seed=seed, fd=fd, class_accuracy=acc, seconds=round(dt, 1), nfe=len(sched.timesteps)))
-            log(f"{name} steps={s} seed={seed}: FD {fd:.3f}, class acc {acc:.3f} ({dt:.0f}s)")
             WORK_DIR.mkdir(exist_ok=True)
-            np.savez_compressed(WORK_DIR / f"samples_{name}_{s}_seed{seed}.npz", images=to_uint8(x), labels=labels.numpy())
+            cache = WORK_DIR / f"samples_{name}_{s}_seed{seed}.npz"
+            x = sample(unet, sched, s, labels, seed, batch, deadline, cache)
+            dt = time.time() - t0
+            fd, acc = mnist_fd(x), class_accuracy(x, labels[: len(x)])
+            per.append(dict(seed=seed, n_samples=len(x), fd=fd, class_accuracy=acc, seconds=round(dt, 1), nfe=len(sched.timesteps)))
+            log(f"{name} steps={s} seed={seed}: N={len(x)} FD {fd:.3f}, class acc {acc:.3f} ({dt:.0f}s)")
+            np.savez_compressed(cache, images=to_uint8(x), labels=labels[: len(x)].numpy())
             if seed == seeds[0]:
                 save_grid(x[:: max(1, len(x) // 200)][:200], WORK_DIR / f"grid_{name}_{s}.png")
         fds = [p["fd"] for p in per]
         entry[str(s)] = dict(
-            n_samples=len(labels),
+            n_samples=min(p["n_samples"] for p in per),
+            n_requested=len(labels),
             per_seed=per,
             fd_mean=statistics.fmean(fds),
             fd_std=statistics.stdev(fds) if len(fds) > 1 else None,
@@ -106,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dpm-steps", type=int, nargs="*", default=[5, 10, 20])
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--ddpm-batch", type=int, default=100, help="DDPM batch (samples are saved after each)")
+    p.add_argument("--ddpm-minutes", type=float, default=None, help="stop the DDPM run after this budget (reports the N done)")
     p.add_argument("--out", type=Path, default=WEIGHTS_DIR / "eval.json")
     p.add_argument("--card-only", action="store_true")
     a = p.parse_args(argv)
@@ -159,15 +174,26 @@ def main(argv: list[str] | None = None) -> None:
 
     unet = load_unet()
     cfg = load_scheduler_config()
-    labels = torch.arange(10).repeat_interleave(a.n // 10)
+    # labels cycle 0..9, so every prefix of 10k samples is class-balanced
+    labels = torch.arange(10).repeat(a.n // 10)
     run_sampler(
         "dpmsolver++_2m",
         lambda: DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2),
         a.dpm_steps, unet, labels, a.seeds, a.batch, res, a.out,
     )
     if a.ddpm_n:
-        labels = torch.arange(10).repeat_interleave(a.ddpm_n // 10)
-        run_sampler("ddpm_ancestral", lambda: DDPMScheduler.from_config(cfg), [1000], unet, labels, [0], a.batch, res, a.out)
+        labels = torch.arange(10).repeat(a.ddpm_n // 10)
+        deadline = time.time() + 60 * a.ddpm_minutes if a.ddpm_minutes else None
+        run_sampler("ddpm_ancestral", lambda: DDPMScheduler.from_config(cfg), [1000], unet, labels, [0], a.ddpm_batch, res, a.out, deadline)
+        n_done = res["samplers"]["ddpm_ancestral"]["1000"]["n_samples"]
+        if n_done != 1000:  # real-vs-real at the same N, since FD is biased by N
+            rr_n = []
+            for seed in (0, 1, 2):
+                g = torch.Generator().manual_seed(seed)
+                idx = torch.cat([torch.nonzero(ytr == c).flatten()[torch.randperm(400, generator=g)[: n_done // 10]] for c in range(10)])
+                rr_n.append(mnist_fd(xtr[idx]))
+            res["real_vs_real_at_ddpm_n"] = dict(n=n_done, per_subset=rr_n, fd_mean=statistics.fmean(rr_n))
+            log(f"real-vs-real at N={n_done}: {rr_n}")
     res["total_seconds"] = round(time.time() - t_all, 1)
     write(a.out, res)
     log(f"done in {res['total_seconds'] / 60:.1f} min -> {a.out}")
