@@ -25,12 +25,13 @@ from ._options import fail, int_list, registry_spec
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--metric", type=click.Choice(["mnist-fd", "none"]), default="mnist-fd", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for results.jsonl (appended; re-running resumes), results.md and fd_vs_nfe.png.")
+              help="Folder for results.jsonl (appended; re-running resumes), results.md and fd_vs_nfe.png "
+                   "(both over every cell in the folder).")
 @click.option("-q", "--quiet", is_flag=True)
 def sweep_cmd(model, solvers, schedules, steps, guidance, cfg_scale, num_samples, seed, batch_size, metric, out, quiet):
     """Run a solver x schedule x steps (x guidance) grid; one JSON line per finished cell."""
     from diffsample.samplers.models import ModelLoadError, load_model
-    from diffsample.samplers.sweep import markdown_table, plot, run_sweep
+    from diffsample.samplers.sweep import markdown_table, plot, read_results, run_sweep
 
     if out.exists() and not out.is_dir():
         fail(f"--out {str(out)!r} exists and is not a directory")
@@ -42,8 +43,10 @@ def sweep_cmd(model, solvers, schedules, steps, guidance, cfg_scale, num_samples
                          metric=metric, log=(lambda s: None) if quiet else click.echo)
     except (ValueError, ModelLoadError) as exc:
         fail(str(exc))
+    # The table and plot cover every cell in the folder (earlier invocations included).
+    every = read_results(out)
+    (out / "results.md").write_text(markdown_table(every))
+    plot(every, out / "fd_vs_nfe.png")
     table = markdown_table(rows)
-    (out / "results.md").write_text(table)
-    plot(rows, out / "fd_vs_nfe.png")
     if not quiet:
         click.echo(table)
