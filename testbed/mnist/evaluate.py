@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
 import statistics
@@ -98,7 +97,7 @@ def run_sampler(name, make_sched, steps, unet, labels, seeds, batch, res, out, d
             log(f"{name} steps={s} seed={seed}: N={len(x)} FD {fd:.3f}, class acc {acc:.3f} ({dt:.0f}s)")
             np.savez_compressed(cache, images=to_uint8(x), labels=labels[: len(x)].numpy())
             if seed == seeds[0]:
-                save_grid(x[:: max(1, len(x) // 200)][:200], WORK_DIR / f"grid_{name}_{s}.png")
+                save_grid(x[:200], WORK_DIR / f"grid_{name}_{s}.png")  # labels cycle 0..9
         fds = [p["fd"] for p in per]
         entry[str(s)] = dict(
             n_samples=min(p["n_samples"] for p in per),
@@ -213,14 +212,26 @@ def write_model_card() -> Path:
     unet_cfg = json.loads((MODEL_DIR / "unet" / "config.json").read_text())
     sizes = {f.relative_to(WEIGHTS_DIR).as_posix(): f.stat().st_size for f in sorted(WEIGHTS_DIR.rglob("*")) if f.is_file()}
     total_mb = sum(sizes.values()) / 1e6
+    rr = ev.get("real_vs_real", {})
+    one_seed = ""
+    if any(len(e["per_seed"]) < 2 for v in ev.get("samplers", {}).values() for e in v.values()):
+        one_seed = ("\n  The run recorded here used a single seed per sampler (and a DDPM time budget where N < 1,000 is"
+                    "\n  shown), to fit a shared, heavily loaded CPU; its seed spread is not measured in this file.")
     rows = []
     sam = ev.get("samplers", {})
     for name, label in (("ddpm_ancestral", "DDPM ancestral (`DDPMScheduler`)"), ("dpmsolver++_2m", "DPM-Solver++ 2M (`DPMSolverMultistepScheduler`)")):
         for steps, e in sorted(sam.get(name, {}).items(), key=lambda kv: -int(kv[0])):
             accs = ", ".join(f"{p['class_accuracy']:.3f}" for p in e["per_seed"])
-            rows.append(f"| {label} | {steps} | {e['n_samples']} | {len(e['per_seed'])} | {_fmt(e)} | {accs} |")
+            n = e["n_samples"]
+            rrn_ = ev.get("real_vs_real_at_ddpm_n") or {}
+            floor = rr.get("fd_mean") if n == rr.get("n") else (rrn_.get("fd_mean") if n == rrn_.get("n") else None)
+            ratio = f"{e['fd_mean'] / floor:.1f}×" if floor else "?"
+            n_txt = f"**{n}** (of {e.get('n_requested', n)} requested; time budget)" if n != e.get("n_requested", n) else str(n)
+            rows.append(f"| {label} | {steps} | {n_txt} | {len(e['per_seed'])} | {_fmt(e)} | {ratio} | {accs} |")
     spacing = next(iter(sam.get("dpmsolver++_2m", {}).values()), {}).get("scheduler_config", {}).get("timestep_spacing", "?")
-    rr = ev.get("real_vs_real", {})
+    rrn = ev.get("real_vs_real_at_ddpm_n")
+    rrn_txt = (f"\n- Real vs real at the DDPM run's N = {rrn['n']} ({rrn['n']} train digits vs the 1,000 held-out, 3 subsets): "
+               f"**{rrn['fd_mean']:.2f}** ({', '.join(f'{v:.2f}' for v in rrn['per_subset'])}).") if rrn else ""
     nacc = tl.get("noisy_classifier", {}).get("heldout_accuracy_by_t", {})
     card = f"""# MNIST testbed models (diffsample.testbed.mnist)
 
@@ -272,19 +283,25 @@ config above (`timestep_spacing="{spacing}"`, `lower_order_final=True`).
 
 - Real vs real (1,000 train digits vs held-out, 3 subsets): **{rr.get('fd_mean', float('nan')):.2f} ± {rr.get('fd_std', float('nan')):.2f}** ({', '.join(f'{v:.2f}' for v in rr.get('per_subset', []))}).
 - Held-out vs itself: {ev.get('heldout_self_fd', float('nan')):.1e}; uniform noise vs held-out: {ev.get('uniform_noise_fd', float('nan')):.0f}.
-- Clean classifier on the held-out digits: {ev.get('classifier_heldout_accuracy', float('nan')):.4f}.
+- Clean classifier on the held-out digits: {ev.get('classifier_heldout_accuracy', float('nan')):.4f}.{rrn_txt}
 
-| sampler | steps | N | seeds | MNIST-FD (mean ± std over seeds) | class accuracy (per seed) |
-|---|---|---|---|---|---|
+| sampler | steps | N | seeds | MNIST-FD (mean ± std over seeds) | FD / real-vs-real at same N | class accuracy (per seed) |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Targets: ≤ 8 for 1,000-step ancestral DDPM, ≤ 12 for DPM-Solver++ 2M at 20 steps (N = 1,000).
+**Units.** An FD's scale depends entirely on the feature network. With this classifier,
+real-vs-real at N = 1,000 is {rr.get('fd_mean', float('nan')):.2f}, not the ≈ 2.8 of the prototype feature CNN described in the
+project's testbed notes (trained without label smoothing, a network of the same shape gave 1.5–2.0;
+label smoothing shrinks the penultimate features). So the absolute thresholds written for the
+prototype (≤ 8 for 1,000-step DDPM, ≤ 12 for DPM-Solver++ 20 steps, "differences under ~2 FD are
+noise") do **not** transfer to these numbers. Compare within this metric only, at equal N. The
+ratio column divides by the real-vs-real FD at the same N; the prototype targets correspond to
+about 2.9× (8 / 2.8) and 4.3× (12 / 2.8) at N = 1,000 (ratios at a smaller N are not equivalent).
 
 ## Limits
 
-- FD is strongly biased by N (real-vs-real ≈ 14.7 at N = 250, 2.8 at 1,000): compare only at equal N
-  against the same 1,000 held-out digits. Seed noise at N = 1,000 is about ±0.5–1 FD; differences
-  under ~2 FD are noise.
+- FD is strongly biased by N: compare only at equal N against the same 1,000 held-out digits.
+  Measure the seed spread (`--seeds 0 1 2`) before calling a difference real.{one_seed}
 - The FD feature network is a small classifier trained on 4,000 digits, not Inception: MNIST-FD
   numbers are not comparable with published MNIST FIDs.
 - Tiny model, short CPU training (≈ {u.get('wall_seconds', 0) / 60:.0f} min), 4,000 training digits: samples are recognisable
