@@ -100,7 +100,7 @@ def write_outputs(result, out: Path) -> list[Path]:
               help="Bundled 'mnist' or a diffusers model folder (unet/ + scheduler/, safetensors only).")
 @click.option("--solver", default="dpmpp_2m", show_default=True, callback=registry_spec("solvers"),
               help="Solver spec NAME[:key=value,...] (see `diffsample list solvers`).")
-@click.option("--schedule", default="karras", show_default=True, callback=registry_spec("schedules"),
+@click.option("--schedule", default="trailing", show_default=True, callback=registry_spec("schedules"),
               help="Step schedule spec NAME[:key=value,...].")
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Grid intervals.")
 @click.option("--final", type=click.Choice(["zero", "last"]), default="zero", show_default=True,

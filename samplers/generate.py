@@ -20,7 +20,7 @@ from .sampler import Sampler
 from .seeds import SeededNoiseFn, seeded_noise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "karras", 20
+DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
 
 
 @dataclass(frozen=True)
