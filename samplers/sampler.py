@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffsample.guidance.base import Cond, Denoiser
-from diffsample.solvers.accounting import count_model_evals
+from diffsample.solvers.accounting import count_events, count_model_evals
 from diffsample.solvers.base import Grid, NoiseFn, NoiseSchedule, Solver
 from diffsample.solvers.step_schedules import _check_n
 
@@ -44,6 +44,8 @@ class SampleResult:
             counts 2; DESIGN.md section 6.3).
         grid: the discretisation used.
         wall_time_s: wall-clock seconds of the loop.
+        events: counts of named events during the run, e.g. ``{"stein_fallback": 1}`` when a
+            SteinDiff step fell back to the plain candidate.
     """
 
     x: Tensor
@@ -51,6 +53,7 @@ class SampleResult:
     model_evals: float
     grid: Grid
     wall_time_s: float
+    events: dict[str, int] = field(default_factory=dict)
 
 
 def prior_scale(grid: Grid) -> float:
@@ -141,7 +144,7 @@ class Sampler:
         start = time.perf_counter()
         # No autograd graph by default; guidance terms and Stein probes that need gradients open
         # ``torch.enable_grad()`` locally.
-        with count_model_evals() as rows, torch.no_grad():
+        with count_model_evals() as rows, count_events() as events, torch.no_grad():
             state = self.solver.init(x, grid)
             for i in tqdm(range(grid.steps), disable=not self.progress, leave=False, desc="sampling"):
                 current = i
@@ -149,4 +152,4 @@ class Sampler:
                 if callback is not None:
                     callback(StepInfo(i, x, grid))
         return SampleResult(x=x, nfe=nfe, model_evals=rows[0] / x.shape[0], grid=grid,
-                            wall_time_s=time.perf_counter() - start)
+                            wall_time_s=time.perf_counter() - start, events=dict(events))

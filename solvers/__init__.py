@@ -10,6 +10,7 @@ from .euler import Euler
 from .heun import Heun
 from .noise_schedules import VE, DiscreteVP, LinearVP, RectifiedFlow
 from .registry import Registry, parse_spec
+from .stein import SteinDiff
 from .step_schedules import FlowShift, Karras, LambdaUniform, PolyExponential, TimeUniform, fixed
 from .unipc import UniPC
 
@@ -24,6 +25,8 @@ SOLVERS.add("dpmpp_2m_sde", DPMSolverPP, "DPM-Solver++(2M) SDE (eta=1, midpoint)
 SOLVERS.add("dpmpp_3m_sde", DPMSolverPP, "DPM-Solver++(3M) SDE (eta=1); stochastic", order=3, eta=1.0)
 SOLVERS.add("unipc_bh1", UniPC, "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step", predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", UniPC, "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step", predictor_order=2, variant="bh2")
+SOLVERS.add("stein-dpm", SteinDiff, "experimental: DPM-Solver++(2M) + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as 2M, +10 model evals", base=DPMSolverPP(order=2))
+SOLVERS.add("stein-unipc", SteinDiff, "experimental: UniPC-bh2 + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as UniPC, +10 model evals", base=UniPC(predictor_order=2, variant="bh2"))
 
 STEP_SCHEDULES: Registry = Registry("step schedule")
 STEP_SCHEDULES.add("karras", Karras, "Karras rho=7 on the VE sigma (EDM eq. 5)")
@@ -38,5 +41,5 @@ STEP_SCHEDULES.add("flow_shift", FlowShift, "SD3/FLUX shifted time-uniform spaci
 __all__ = [
     "SOLVERS", "STEP_SCHEDULES", "Denoise", "DPMSolverPP", "DiscreteVP", "Euler", "FlowShift", "Grid",
     "Heun", "Karras", "LambdaUniform", "LinearVP", "NoiseFn", "NoiseSchedule", "PolyExponential",
-    "RectifiedFlow", "Registry", "Solver", "TimeUniform", "UniPC", "VE", "fixed", "parse_spec",
+    "RectifiedFlow", "Registry", "Solver", "SteinDiff", "TimeUniform", "UniPC", "VE", "fixed", "parse_spec",
 ]

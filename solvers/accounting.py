@@ -1,4 +1,4 @@
-"""Counting model evaluations (``model_evals``, DESIGN.md section 6.3).
+"""Counting model evaluations (``model_evals``, DESIGN.md section 6.3) and run events.
 
 Network adapters call :func:`add_model_evals` with the number of *rows* they pass through the
 network (a CFG call on a doubled batch adds ``2 B``; a VJP pass adds ``2 B`` as it counts as two
@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 _COUNTER: ContextVar[list[float] | None] = ContextVar("diffsample_model_evals", default=None)
+_EVENTS: ContextVar[dict[str, int] | None] = ContextVar("diffsample_events", default=None)
 
 
 def add_model_evals(rows: float) -> None:
@@ -31,3 +32,21 @@ def count_model_evals() -> Iterator[list[float]]:
         yield counter
     finally:
         _COUNTER.reset(token)
+
+
+def add_event(name: str, count: int = 1) -> None:
+    """Count a named event of the current run (e.g. ``"stein_fallback"``); no-op outside a run."""
+    events = _EVENTS.get()
+    if events is not None:
+        events[name] = events.get(name, 0) + count
+
+
+@contextmanager
+def count_events() -> Iterator[dict[str, int]]:
+    """Context manager yielding the dict of event counts of the enclosed run."""
+    events: dict[str, int] = {}
+    token = _EVENTS.set(events)
+    try:
+        yield events
+    finally:
+        _EVENTS.reset(token)
