@@ -58,16 +58,19 @@ def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", p
     return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress)
 
 
-def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None):
+def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None,
+                 sampler: Sampler | None = None):
     """Wrap ``model.denoiser`` with the guidance terms named in ``guidance`` (applied in order), then
-    CFG at ``cfg_scale`` if given.
+    CFG at ``cfg_scale`` if given. Terms whose factory takes ``sampler`` (CFG++, which needs the
+    grid) receive ``sampler``.
 
     Raises:
         ValueError: unknown guidance name, bad options, or a term the model cannot support.
     """
     denoiser = model.denoiser
     for spec in guidance:
-        denoiser = GUIDANCE.create(spec, resources=model.resources)(denoiser)
+        extra = {"sampler": sampler} if sampler is not None and GUIDANCE.accepts(spec, "sampler") else {}
+        denoiser = GUIDANCE.create(spec, resources=model.resources, **extra)(denoiser)
     if cfg_scale is not None:
         if not model.resources.conditional:
             raise ValueError(f"--cfg-scale needs a conditional model; {model.name!r} is unconditional")
@@ -124,7 +127,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=DTYPES[dtype])
-    guided = build_guided(loaded, guidance, cfg_scale)
+    guided = build_guided(loaded, guidance, cfg_scale, sampler)
     if classes is not None:
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         if labels.numel() != num_samples:

@@ -71,8 +71,7 @@ def run_sweep(model: LoadedModel, out_dir: str | os.PathLike, *, solvers: Sequen
                          "(Inception FID weights cannot be downloaded here)")
     cells = list(itertools.product(solvers, schedules, steps, [tuple(g) for g in guidance]))
     for solver, schedule, n, terms in cells:  # validate everything first
-        build_sampler(solver, schedule, n)
-        build_guided(model, terms, cfg_scale)
+        build_guided(model, terms, cfg_scale, build_sampler(solver, schedule, n))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = {cell_key(r): r for r in read_results(out_dir)}

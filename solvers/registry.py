@@ -14,21 +14,32 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``"name:key=value,key=value"`` into the name and a dict of options.
 
     Values are read as Python literals where possible (``3``, ``0.5``, ``True``, ``'bh1'``),
-    otherwise kept as strings.
+    otherwise kept as strings. A comma-separated item without ``=`` continues the previous value
+    (``"jeffrey:target=0:0.5,1:0.5"`` gives ``{"target": "0:0.5,1:0.5"}``).
 
     Raises:
-        ValueError: an option without ``=``.
+        ValueError: a first option without ``=``, or an empty key.
     """
     name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
+    raw: dict[str, str] = {}
+    last = None
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        if not eq:
+            if last is None:
+                raise ValueError(f"bad option {item!r} in {spec!r}; expected key=value")
+            raw[last] += "," + item  # a comma inside a value, e.g. target=0:0.5,1:0.5
+            continue
+        if not key.strip():
             raise ValueError(f"bad option {item!r} in {spec!r}; expected key=value")
+        last = key.strip()
+        raw[last] = value.strip()
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
         try:
-            options[key.strip()] = ast.literal_eval(value.strip())
+            options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[key.strip()] = value.strip()
+            options[key] = value
     return name.strip(), options
 
 
@@ -74,6 +85,12 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}")
         return self._entries[name]
+
+    def accepts(self, spec: str, parameter: str) -> bool:
+        """Whether the factory of ``spec``'s name takes a keyword ``parameter``."""
+        import inspect
+
+        return parameter in inspect.signature(self._entry(parse_spec(spec)[0]).factory).parameters
 
     def create(self, spec: str, **overrides: Any) -> T:
         """Instantiate ``"name[:key=value,...]"``; ``overrides`` win over the spec's options."""

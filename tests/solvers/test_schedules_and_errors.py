@@ -67,6 +67,9 @@ def test_registry_options():
     assert SOLVERS.create("unipc_bh2:predictor_order=3").order == 4
     assert SOLVERS.create("dpmpp_2m:solver_type=heun").solver_type == "heun"
     assert parse_spec("cfg:scale=2.5,x=a") == ("cfg", {"scale": 2.5, "x": "a"})
+    assert parse_spec("jeffrey:target=0:0.5,1:0.5,scale=2") == ("jeffrey", {"target": "0:0.5,1:0.5", "scale": 2})
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_spec("cfg:2.5")
     with pytest.raises(ValueError, match="bad options for solver 'euler'"):
         SOLVERS.create("euler:nope=1")
 
