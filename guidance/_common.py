@@ -34,6 +34,15 @@ def sigma_ve(noise_schedule: NoiseSchedule, t: Tensor, batch: int) -> Tensor:
     return noise_schedule.sigma_ve(t64.cpu())
 
 
+class GuidedDenoiser:
+    """Base of the denoisers guidance terms return: keeps the inner denoiser, the term (its frozen
+    configuration) and the inner noise schedule."""
+
+    def __init__(self, inner: Denoiser, term: Any) -> None:
+        self.inner, self.term = inner, term
+        self.noise_schedule = inner.noise_schedule
+
+
 def check_space(space: str, who: str) -> None:
     if space not in SPACES:
         raise ValueError(f"{who}: unknown space {space!r}; valid: {', '.join(SPACES)}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ._common import RunState, alpha_sigma, call_both, check_space, from_space, row_dot, row_norm, to_space
+from ._common import GuidedDenoiser, RunState, alpha_sigma, call_both, check_space, from_space, row_dot, row_norm, to_space
 from .base import Cond, Denoiser
 
 
@@ -50,10 +50,9 @@ class APG:
         return _APGDenoiser(denoiser, self)
 
 
-class _APGDenoiser:
+class _APGDenoiser(GuidedDenoiser):
     def __init__(self, inner: Denoiser, term: APG) -> None:
-        self.inner, self.term = inner, term
-        self.noise_schedule = inner.noise_schedule
+        super().__init__(inner, term)
         self.state = RunState()
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:

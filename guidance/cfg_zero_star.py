@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._common import RunState, alpha_sigma, call_both, check_space, from_space, row_dot, to_space
+from ._common import GuidedDenoiser, RunState, alpha_sigma, call_both, check_space, from_space, row_dot, to_space
 from .base import Cond, Denoiser
 
 
@@ -43,10 +43,9 @@ class CFGZeroStar:
         return _CFGZeroStarDenoiser(denoiser, self)
 
 
-class _CFGZeroStarDenoiser:
+class _CFGZeroStarDenoiser(GuidedDenoiser):
     def __init__(self, inner: Denoiser, term: CFGZeroStar) -> None:
-        self.inner, self.term = inner, term
-        self.noise_schedule = inner.noise_schedule
+        super().__init__(inner, term)
         self.state = RunState()
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from diffsample.solvers.accounting import add_model_evals
 
-from ._common import alpha_sigma
+from ._common import GuidedDenoiser, alpha_sigma
 from .base import Cond, Denoiser
 
 ESTIMATORS = ("noisy", "tweedie")
@@ -106,11 +106,7 @@ class ClassifierGuidance:
         return _ClassifierDenoiser(denoiser, self)
 
 
-class _ClassifierDenoiser:
-    def __init__(self, inner: Denoiser, term: ClassifierGuidance) -> None:
-        self.inner, self.term = inner, term
-        self.noise_schedule = inner.noise_schedule
-
+class _ClassifierDenoiser(GuidedDenoiser):
     def labels(self, x: Tensor, cond: Cond | None) -> Tensor:
         term = self.term
         if term.label is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import GuidedDenoiser
 from .base import Cond, Denoiser
 from .classifier import BASES, ESTIMATORS, base_cond, check_choice, guided_denoised
 from .marginal import log_weights
@@ -135,11 +136,7 @@ class JeffreyGuidance:
         return _JeffreyDenoiser(denoiser, self)
 
 
-class _JeffreyDenoiser:
-    def __init__(self, inner: Denoiser, term: JeffreyGuidance) -> None:
-        self.inner, self.term = inner, term
-        self.noise_schedule = inner.noise_schedule
-
+class _JeffreyDenoiser(GuidedDenoiser):
     def correction(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """``grad_x log G_t(x_t)`` (score units), shape of ``x``."""
         term = self.term
