@@ -14,18 +14,16 @@ def registry_spec(registry_name: str) -> Callable[[click.Context, click.Paramete
 
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         from diffsample.guidance import GUIDANCE
-        from diffsample.solvers import SOLVERS, STEP_SCHEDULES, parse_spec
+        from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
         registry = {"solvers": SOLVERS, "schedules": STEP_SCHEDULES, "guidance": GUIDANCE}[registry_name]
         for spec in (value if isinstance(value, tuple) else (value,)):
             if spec is None:
                 continue
             try:
-                name, _ = parse_spec(spec)
+                registry.check(spec)
             except ValueError as exc:
                 raise click.BadParameter(str(exc)) from None
-            if name not in registry:
-                raise click.BadParameter(f"unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
         return value
 
     return check

@@ -8,22 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.solvers._math import append_dims
+from diffsample.solvers._math import alpha_sigma, append_dims  # noqa: F401  (alpha_sigma re-exported)
 from diffsample.solvers.base import NoiseSchedule
 
 from .base import Cond, Denoiser
 
 SPACES = ("x0", "eps", "flow")
-
-
-def alpha_sigma(noise_schedule: NoiseSchedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``alpha(t), sigma(t)`` as ``(B, 1, ..., 1)`` tensors broadcastable against ``x``."""
-    t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device)
-    if t64.ndim == 0:
-        t64 = t64.expand(x.shape[0])
-    a = append_dims(noise_schedule.alpha(t64).to(x), x.ndim)
-    s = append_dims(noise_schedule.sigma(t64).to(x), x.ndim)
-    return a, s
 
 
 def sigma_ve(noise_schedule: NoiseSchedule, t: Tensor, batch: int) -> Tensor:

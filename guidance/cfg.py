@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ._common import alpha_sigma, call_both, check_space, from_space, row_norm, to_space
+from ._common import GuidedDenoiser, alpha_sigma, call_both, check_space, from_space, row_norm, to_space
 from .base import Cond, Denoiser
 
 
@@ -51,12 +51,7 @@ def cfg_combine(d_pos: Tensor, d_neg: Tensor, scale: float) -> Tensor:
     return d_neg + scale * (d_pos - d_neg)
 
 
-class _CFGDenoiser:
-    def __init__(self, inner: Denoiser, term: CFG) -> None:
-        self.inner = inner
-        self.term = term
-        self.noise_schedule = inner.noise_schedule
-
+class _CFGDenoiser(GuidedDenoiser):
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         if cond is None or cond.negative is None:
             raise ValueError("CFG needs a conditional model and a cond with a negative (unconditional) branch")

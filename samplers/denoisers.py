@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from diffsample.guidance.base import Cond
-from diffsample.solvers._math import append_dims
+from diffsample.solvers._math import alpha_sigma
 from diffsample.solvers.accounting import add_model_evals
 from diffsample.solvers.base import NoiseSchedule
 from diffsample.solvers.noise_schedules import RectifiedFlow
@@ -71,9 +71,7 @@ class ModelDenoiser:
                 t64 = torch.tensor([key], dtype=torch.float64)
                 self._coefficients[key] = (float(self.noise_schedule.alpha(t64)), float(self.noise_schedule.sigma(t64)))
             return self._coefficients[key]
-        t64 = t.to(torch.float64)
-        return (append_dims(self.noise_schedule.alpha(t64).to(like), like.ndim),
-                append_dims(self.noise_schedule.sigma(t64).to(like), like.ndim))
+        return alpha_sigma(self.noise_schedule, t, like)
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         kwargs: Mapping[str, Any] = cond.positive if cond is not None else {}

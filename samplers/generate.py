@@ -134,7 +134,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
             raise ValueError(f"classes has {labels.numel()} entries for {num_samples} samples")
     else:
         labels = default_classes(loaded, num_samples, class_label)
-    loaded.cond(labels[:1] if labels is not None else None)  # validates the labels' range
+    loaded.cond(labels)  # validates every label's range before any sampling
     seeds = list(range(seed, seed + num_samples))
     outputs, nfe, model_evals = [], 0, 0.0
     start = time.perf_counter()

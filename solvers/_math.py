@@ -13,6 +13,16 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v[(...,) + (None,) * (ndim - v.ndim)]
 
 
+def alpha_sigma(noise_schedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``noise_schedule.alpha(t), .sigma(t)`` per row as ``(B, 1, ..., 1)`` tensors in ``x``'s dtype and
+    device (``t`` scalar or ``(B,)``), broadcastable against ``x``."""
+    t64 = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if t64.ndim == 0:
+        t64 = t64.expand(x.shape[0])
+    return (append_dims(noise_schedule.alpha(t64).to(x), x.ndim),
+            append_dims(noise_schedule.sigma(t64).to(x), x.ndim))
+
+
 def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation like ``numpy.interp`` (``xp`` increasing), differentiable in ``x``.
 

@@ -81,6 +81,13 @@ class Registry(Generic[T]):
     def summary(self, name: str) -> str:
         return self._entry(name).summary
 
+    def check(self, spec: str) -> str:
+        """The name of ``spec``; raises the registry's ``ValueError`` (listing the valid names) for an
+        unknown one, or for malformed options."""
+        name = parse_spec(spec)[0]
+        self._entry(name)
+        return name
+
     def _entry(self, name: str) -> Entry[T]:
         if name not in self._entries:
             raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}")

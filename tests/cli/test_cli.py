@@ -178,3 +178,16 @@ def test_python_api_matches_cli(tmp_path):
     png = np.asarray(Image.open(tmp_path / "sample_00001_seed6.png"), dtype=int)
     api = (result.images[1, 0] * 255).round().numpy().astype(int)
     assert np.abs(png - api).max() == 0
+
+
+def test_api_validates_every_class_before_sampling():
+    import diffsample
+    from diffsample.samplers.models import load_model
+
+    model = load_model()
+    calls = []
+    inner = model.denoiser.model_fn
+    model.denoiser.model_fn = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    with pytest.raises(ValueError, match=r"class labels must be in 0..9, got \[0, 12\]"):
+        diffsample.generate(model, classes=[0, 12], num_samples=2, batch_size=1, steps=2)
+    assert calls == []  # nothing was sampled
