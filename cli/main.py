@@ -17,19 +17,20 @@ def main() -> None:
     Examples:
       diffsample generate                                  # bundled MNIST model, 16 samples
       diffsample generate --solver unipc_bh2 --steps 10 --class 3 --cfg-scale 1.5
+      diffsample generate --solver stein-dpm:eta=1 --guidance noisetilt:beta=0.25
       diffsample sweep --solver dpmpp_2m --solver unipc_bh2 --steps 5,10,20 --out sweeps/a
       diffsample list
     """
 
 
 @main.command("list")
-@click.argument("what", required=False, type=click.Choice(["solvers", "schedules", "guidance"]))
+@click.argument("what", required=False, type=click.Choice(["solvers", "schedules", "guidance", "rewards"]))
 def list_cmd(what: str | None) -> None:
-    """Print the registered solvers, step schedules and guidance terms, one line each."""
-    from diffsample.guidance import GUIDANCE
+    """Print the registered solvers, step schedules, guidance terms and rewards, one line each."""
+    from diffsample.guidance import GUIDANCE, REWARDS
     from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
-    sections = {"solvers": SOLVERS, "schedules": STEP_SCHEDULES, "guidance": GUIDANCE}
+    sections = {"solvers": SOLVERS, "schedules": STEP_SCHEDULES, "guidance": GUIDANCE, "rewards": REWARDS}
     for name, registry in sections.items():
         if what not in (None, name):
             continue

@@ -4,6 +4,10 @@ Registry: :data:`GUIDANCE`. Each factory takes ``resources`` (:class:`~.base.Res
 model offers: classifiers, decoder) plus the options of the spec ``name:key=value,...``:
 ``GUIDANCE.create("cfg:scale=2", resources=Resources(conditional=True))``.
 
+Reward guidance (``noisetilt``, ``dps``, ``freedom``, ``svdd``, ``best_of_n``) takes
+``reward=NAME[:key=value;...]`` from :data:`~.rewards.REWARDS` (default ``class_logp``: the
+log-probability of each sample's class under the model's noise-aware classifier).
+
 The CFG family accepts ``sigma_lo`` / ``sigma_hi``: apply guidance only for VE sigma in
 ``(sigma_lo, sigma_hi]`` (:class:`~.interval.Interval`). Lists inside a spec use ``;`` between
 entries, since ``,`` separates options: ``jeffrey:target=0:0.5;1:0.5`` (or a JSON file path).
@@ -13,6 +17,12 @@ import math
 
 from .apg import APG
 from .base import Cond, Denoiser, Guidance, Resources
+from .best_of_n import BestOfN
+from .dps import DPS, FreeDoM
+from .noisetilt import NoiseTilt
+from .rewards import REWARDS, Reward, RewardError, RewardModelMissing, as_reward, reward_from_spec
+from .svdd import SVDD
+from .whitening import whiten
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
 from .cfgpp import CFGPlusPlus
@@ -106,6 +116,39 @@ def _jeffrey(resources: Resources, target=None, model_marginal=None, estimator: 
     return _window(term, sigma_lo, sigma_hi, "unconditional")
 
 
+def _noisetilt(resources: Resources, reward="class_logp", rho: str = "beta_matched", strength: float = 1.0,
+               beta: float = 1.0, grad_wrt: str = "x_t", tile: int = 8, whiten_alpha: float = 1e-4) -> Guidance:
+    return NoiseTilt(reward_from_spec(reward, resources), str(rho), float(strength), float(beta), str(grad_wrt),
+                     resources.decode, int(tile), float(whiten_alpha))
+
+
+def _dps(resources: Resources, reward="class_logp", scale: float = 1.0, normalize: bool = False,
+         grad_wrt: str = "x_t", sigma_lo: float = 0.0, sigma_hi: float = math.inf) -> Guidance:
+    term = DPS(reward_from_spec(reward, resources), float(scale), bool(normalize), str(grad_wrt), resources.decode)
+    return _window(term, sigma_lo, sigma_hi)
+
+
+def _freedom(resources: Resources, reward="class_logp", scale: float = 1.0, normalize: bool = False,
+             grad_wrt: str = "x_t", repeats: int = 2, window="0.3;0.7") -> Guidance:
+    lo, _, hi = str(window).replace(",", ";").partition(";")
+    try:
+        bounds = (float(lo), float(hi))
+    except ValueError:
+        raise ValueError(f"freedom: window must be START;STOP fractions, got {window!r}") from None
+    return FreeDoM(reward_from_spec(reward, resources), float(scale), bool(normalize), str(grad_wrt),
+                   resources.decode, repeats=repeats, window=bounds)
+
+
+def _svdd(resources: Resources, reward="class_logp", particles: int = 8, temperature: float = 0.0,
+          seed: int = 0, k=None) -> Guidance:
+    return SVDD(reward_from_spec(reward, resources), particles if k is None else k, float(temperature),
+                resources.decode, seed)
+
+
+def _best_of_n(resources: Resources, reward="class_logp", n: int = 4) -> Guidance:
+    return BestOfN(reward_from_spec(reward, resources), n, resources.decode)
+
+
 GUIDANCE: Registry[Guidance] = Registry("guidance")
 GUIDANCE.add("none", lambda resources: NoGuidance(), "no guidance: the (conditional) model as is")
 GUIDANCE.add("cfg", _cfg, "classifier-free guidance, scale=2 (Ho & Salimans 2022, arXiv 2207.12598)")
@@ -115,9 +158,15 @@ GUIDANCE.add("cfgpp", _cfgpp, "CFG++ scale=0.6, Euler/DDIM only; needs sampler=.
 GUIDANCE.add("cfg_zero_star", _cfg_zero_star, "CFG-Zero*: optimised scale, optional zero-init (arXiv 2503.18886)")
 GUIDANCE.add("classifier", _classifier, "classifier guidance, scale=1, noise-aware or tweedie (arXiv 2105.05233)")
 GUIDANCE.add("jeffrey", _jeffrey, "Jeffrey marginal guidance: target=CLASS:PROB;... (arXiv 2606.13240)")
+GUIDANCE.add("noisetilt", _noisetilt, "NoiseTilt: whitened reward gradient in the noise of stochastic steps, rho=beta_matched, beta=1 (arXiv 2606.18066)")
+GUIDANCE.add("dps", _dps, "DPS reward guidance: score + scale * grad r(D(x_t)), scale=1 (arXiv 2209.14687)")
+GUIDANCE.add("freedom", _freedom, "FreeDoM: DPS-form gradient + time travel, repeats=2 on window 0.3;0.7 (arXiv 2303.09833)")
+GUIDANCE.add("svdd", _svdd, "SVDD search: best of particles=8 kernel draws per stochastic step by value (arXiv 2408.08252)")
+GUIDANCE.add("best_of_n", _best_of_n, "best-of-N: n=4 independent chains, keep the highest reward (composes: NTRK-dagger)")
 
 __all__ = [
-    "APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "ClassifierGuidance", "GUIDANCE", "Cond", "Denoiser", "Guidance",
+    "APG", "BestOfN", "DPS", "FreeDoM", "NoiseTilt", "REWARDS", "Reward", "RewardError", "RewardModelMissing",
+    "SVDD", "as_reward", "reward_from_spec", "whiten", "CFG", "CFGPlusPlus", "CFGZeroStar", "ClassifierGuidance", "GUIDANCE", "Cond", "Denoiser", "Guidance",
     "Interval", "JeffreyGuidance", "MarginalEstimate", "NoGuidance", "Resources", "estimate_marginal",
     "load_marginal", "parse_target", "save_marginal", "within",
 ]

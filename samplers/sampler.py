@@ -13,9 +13,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffsample.guidance.base import Cond, Denoiser
-from diffsample.solvers.accounting import count_events, count_model_evals
+from diffsample.solvers.accounting import add_event, count_events, count_model_evals
 from diffsample.solvers.base import Grid, NoiseFn, NoiseSchedule, Solver
 from diffsample.solvers.step_schedules import _check_n
+from diffsample.solvers.transition import use_transition
 
 StepSchedule = Callable[[NoiseSchedule, int], Tensor]
 
@@ -107,7 +108,8 @@ class Sampler:
 
     def __call__(self, denoiser: Denoiser, noise: Tensor, cond: Cond | None = None, *,
                  noise_fn: NoiseFn | None = None,
-                 callback: Callable[[StepInfo], None] | None = None) -> SampleResult:
+                 callback: Callable[[StepInfo], None] | None = None,
+                 chain_noise: Callable[[int], tuple[Tensor, NoiseFn | None]] | None = None) -> SampleResult:
         """Sample from standard-normal ``noise`` of shape ``(B, *dims)``.
 
         The loop state is kept in at least float32 (fp16/bf16 noise is upcast; the denoiser casts
@@ -115,16 +117,58 @@ class Sampler:
         on the global generator; use :class:`~diffsample.samplers.seeds.SeededNoiseFn` for
         per-sample seeds).
 
+        Guidance terms in the ``denoiser`` chain may hook into the loop (:func:`hooks`):
+        a ``transition`` replaces the draw of every stochastic step (NoiseTilt, SVDD); a
+        ``recurrence(grid, i)`` redoes step ``i`` that many times after re-noising (FreeDoM time
+        travel); ``chains`` / ``score`` run that many independent chains and keep the best
+        (best-of-N; chain ``k >= 1`` starts from ``chain_noise(k) = (noise, noise_fn)``, default
+        fresh ``torch.randn`` draws). ``nfe`` and ``model_evals`` are totals over all of it.
+
         The loop runs under ``torch.no_grad()``; a term that needs gradients (reward guidance,
         Stein probes) opens ``torch.enable_grad()`` itself.
 
         Raises:
             NonFiniteError: the denoiser returned NaN/inf (unless ``allow_nonfinite``).
+            ValueError: a noise-changing term (NoiseTilt, SVDD) with a deterministic solver, or
+                more than one transition / best-of-N term in the chain.
         """
+        found = hooks(denoiser)
+        check_hooks(found, self.solver)
         grid = self.grid(denoiser.noise_schedule)
         work_dtype = torch.promote_types(noise.dtype, torch.float32)
-        x = noise.to(work_dtype) * prior_scale(grid)
-        if self.solver.stochastic and noise_fn is None:
+        best = found["chains"][0] if found["chains"] else None
+        nfe, best_x, best_r = 0, None, None
+        start = time.perf_counter()
+        with count_model_evals() as rows, count_events() as events:
+            for k in range(best.chains if best is not None else 1):
+                if k == 0:
+                    noise_k, noise_fn_k = noise, noise_fn
+                elif chain_noise is not None:
+                    noise_k, noise_fn_k = chain_noise(k)
+                else:
+                    noise_k, noise_fn_k = torch.randn_like(noise), None
+                x, calls = self._run(denoiser, grid, noise_k.to(work_dtype), cond, noise_fn_k, callback, found)
+                nfe += calls
+                if best is None:
+                    best_x = x
+                    continue
+                with torch.no_grad():
+                    r = best.score(x, cond)
+                add_event("reward_evals", x.shape[0])
+                if best_x is None:
+                    best_x, best_r = x, r
+                else:
+                    better = r > best_r
+                    best_x = torch.where(better.reshape((-1,) + (1,) * (x.ndim - 1)), x, best_x)
+                    best_r = torch.where(better, r, best_r)
+        return SampleResult(x=best_x, nfe=nfe, model_evals=rows[0] / noise.shape[0], grid=grid,
+                            wall_time_s=time.perf_counter() - start, events=dict(events))
+
+    def _run(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
+             callback: Callable[[StepInfo], None] | None, found: dict[str, list]) -> tuple[Tensor, int]:
+        """One chain: ``(final x, denoiser calls)``."""
+        x = noise * prior_scale(grid)
+        if noise_fn is None:
             noise_fn = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
         nfe = 0
         current = 0
@@ -141,15 +185,69 @@ class Sampler:
                 )
             return out
 
-        start = time.perf_counter()
+        transition = found["transition"][0].transition if found["transition"] else None
+        recurrences = [term.recurrence for term in found["recurrence"]]
         # No autograd graph by default; guidance terms and Stein probes that need gradients open
         # ``torch.enable_grad()`` locally.
-        with count_model_evals() as rows, count_events() as events, torch.no_grad():
+        with torch.no_grad(), use_transition(transition):
             state = self.solver.init(x, grid)
             for i in tqdm(range(grid.steps), disable=not self.progress, leave=False, desc="sampling"):
                 current = i
-                x, state = self.solver.step(denoise, x, grid, i, state, noise_fn)
+                x_next, new_state = self.solver.step(denoise, x, grid, i, state, noise_fn)
+                for _ in range(sum(r(grid, i) for r in recurrences)):
+                    # Time travel: back to grid point i with fresh noise, then redo the step.
+                    x_back = renoise(x_next, grid, i, noise_fn)
+                    x_next, new_state = self.solver.step(denoise, x_back, grid, i, state, noise_fn)
+                x, state = x_next, new_state
                 if callback is not None:
                     callback(StepInfo(i, x, grid))
-        return SampleResult(x=x, nfe=nfe, model_evals=rows[0] / x.shape[0], grid=grid,
-                            wall_time_s=time.perf_counter() - start, events=dict(events))
+        return x, nfe
+
+
+def renoise(x_next: Tensor, grid: Grid, i: int, noise_fn: NoiseFn) -> Tensor:
+    """Forward-diffuse a state at grid point ``i + 1`` back to point ``i``:
+    ``x_i = (alpha_i / alpha_{i+1}) x_{i+1} + sqrt(sigma_i^2 - (alpha_i sigma_{i+1} / alpha_{i+1})^2) z``."""
+    ratio = grid.alpha_list[i] / grid.alpha_list[i + 1]
+    std = math.sqrt(max(grid.sigma_list[i] ** 2 - (ratio * grid.sigma_list[i + 1]) ** 2, 0.0))
+    return ratio * x_next + std * noise_fn(grid.sigma_list[i + 1], grid.sigma_list[i])
+
+
+HOOKS = ("transition", "recurrence", "chains")
+
+
+def hooks(denoiser: Denoiser) -> dict[str, list]:
+    """The guidance terms in ``denoiser``'s wrapper chain (followed through ``.guided`` and
+    ``.inner``) that provide each loop hook in :data:`HOOKS`, outermost first."""
+    found: dict[str, list] = {name: [] for name in HOOKS}
+    stack, seen = [denoiser], set()
+    while stack:
+        d = stack.pop(0)
+        if d is None or id(d) in seen:
+            continue
+        seen.add(id(d))
+        for name in HOOKS:
+            if hasattr(d, name):
+                found[name].append(d)
+        stack += [getattr(d, "guided", None), getattr(d, "inner", None)]
+    return found
+
+
+def stochastic_solvers() -> list[str]:
+    """Registry names of the solvers that are stochastic with their default options."""
+    from diffsample.solvers import SOLVERS
+
+    return [name for name in SOLVERS if getattr(SOLVERS.create(name), "stochastic", False)]
+
+
+def check_hooks(found: dict[str, list], solver: Solver) -> None:
+    """Raise a ``ValueError`` for hook combinations a run cannot honour (see :meth:`Sampler.__call__`)."""
+    for name in ("transition", "chains"):
+        if len(found[name]) > 1:
+            terms = ", ".join(getattr(d.term, "name", type(d.term).__name__) for d in found[name])
+            raise ValueError(f"at most one guidance term may use the {name} hook per run, got: {terms}")
+    if found["transition"] and not solver.stochastic:
+        term = found["transition"][0].term
+        raise ValueError(
+            f"guidance {getattr(term, 'name', type(term).__name__)!r} acts on the noise of stochastic steps and "
+            f"solver {type(solver).__name__} is deterministic (no noise to tilt); use a stochastic solver: "
+            f"{', '.join(stochastic_solvers())}, ddim:eta=1 or stein-dpm:eta=1")

@@ -17,8 +17,9 @@ from torch import Tensor
 INITIAL, SOLVER_NOISE = 0, 1
 
 
-def _generator(seed: int, stream: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(seed), stream]).generate_state(2, dtype=np.uint32)
+def _generator(seed: int, stream: int, chain: int = 0) -> torch.Generator:
+    entropy = [int(seed), stream] + ([int(chain)] if chain else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -30,10 +31,11 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> Tensor:
-    """Initial noise, one standard-normal draw of ``shape`` per seed: ``(len(seeds), *shape)``."""
+                 device: torch.device | str = "cpu", chain: int = 0) -> Tensor:
+    """Initial noise, one standard-normal draw of ``shape`` per seed: ``(len(seeds), *shape)``.
+    ``chain = k >= 1`` gives chain ``k``'s independent draw for best-of-N (chain 0 is the plain run)."""
     seeds = _check_seeds(seeds)
-    draws = [torch.randn(tuple(shape), generator=_generator(s, INITIAL), dtype=torch.float32) for s in seeds]
+    draws = [torch.randn(tuple(shape), generator=_generator(s, INITIAL, chain), dtype=torch.float32) for s in seeds]
     return torch.stack(draws).to(device=device, dtype=dtype)
 
 
@@ -43,11 +45,12 @@ class SeededNoiseFn:
     Args:
         seeds: one seed per batch item.
         shape: per-sample shape (without the batch dimension).
+        chain: best-of-N chain index (0: the plain run).
     """
 
     def __init__(self, seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
-        self.generators = [_generator(s, SOLVER_NOISE) for s in _check_seeds(seeds)]
+                 device: torch.device | str = "cpu", chain: int = 0) -> None:
+        self.generators = [_generator(s, SOLVER_NOISE, chain) for s in _check_seeds(seeds)]
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
 
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:

@@ -25,7 +25,13 @@ SOLVERS.add("dpmpp_2m_sde", DPMSolverPP, "DPM-Solver++(2M) SDE (eta=1, midpoint)
 SOLVERS.add("dpmpp_3m_sde", DPMSolverPP, "DPM-Solver++(3M) SDE (eta=1); stochastic", order=3, eta=1.0)
 SOLVERS.add("unipc_bh1", UniPC, "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step", predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", UniPC, "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step", predictor_order=2, variant="bh2")
-SOLVERS.add("stein-dpm", SteinDiff, "experimental: DPM-Solver++(2M) + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as 2M, +10 model evals", base=DPMSolverPP(order=2))
+
+
+def _stein_dpm(eta: float = 0.0, **options) -> SteinDiff:
+    return SteinDiff(base=DPMSolverPP(order=2, eta=float(eta)), **options)
+
+
+SOLVERS.add("stein-dpm", _stein_dpm, "experimental: DPM-Solver++(2M) + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as 2M, +10 model evals; eta=1: the 2M SDE base (stochastic)")
 SOLVERS.add("stein-unipc", SteinDiff, "experimental: UniPC-bh2 + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as UniPC, +10 model evals", base=UniPC(predictor_order=2, variant="bh2"))
 
 STEP_SCHEDULES: Registry = Registry("step schedule")

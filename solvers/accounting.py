@@ -34,6 +34,30 @@ def count_model_evals() -> Iterator[list[float]]:
         _COUNTER.reset(token)
 
 
+@contextmanager
+def measure_model_evals() -> Iterator[list[float]]:
+    """Like :func:`count_model_evals` for a part of a run: yields the rows added inside the block,
+    and passes them on to the enclosing counter (if any) on exit. Used to charge a backward pass
+    through exactly the network passes a forward call made (2 forward-equivalents per row)."""
+    outer = _COUNTER.get()
+    counter = [0.0]
+    token = _COUNTER.set(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTER.reset(token)
+        if outer is not None:
+            outer[0] += counter[0]
+
+
+def add_backward_evals(forward_rows: float) -> None:
+    """Charge one backward (VJP) pass through a forward call that used ``forward_rows`` network rows:
+    ``2 * forward_rows`` model evaluations (DESIGN.md section 6.3), also counted as the event
+    ``"backward_rows"`` so forward passes alone can be recovered (``model_evals - 2 * backward``)."""
+    add_model_evals(2 * forward_rows)
+    add_event("backward_rows", int(round(forward_rows)))
+
+
 def add_event(name: str, count: int = 1) -> None:
     """Count a named event of the current run (e.g. ``"stein_fallback"``); no-op outside a run."""
     events = _EVENTS.get()

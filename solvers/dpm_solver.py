@@ -9,7 +9,8 @@ from typing import Literal, NamedTuple
 from torch import Tensor
 
 from ._math import expm1_neg
-from .base import Denoise, Grid, NoiseFn, call_denoise, require_noise
+from .base import Denoise, Grid, NoiseFn, call_denoise
+from .transition import sample_kernel
 
 
 class History(NamedTuple):
@@ -128,6 +129,5 @@ class DPMSolverPP:
                 x_next = x_next + (alpha_next * phi_2) * d1 - (alpha_next * w * phi_3) * d2
         # Fresh noise (SDE variants).
         if self.eta > 0:
-            z = require_noise(noise_fn, self)(sigma, sigma_next)
-            x_next = x_next + (sigma_next * math.sqrt(expm1_neg(2.0 * eta_h))) * z
+            x_next = sample_kernel(noise_fn, self, x_next, sigma_next * math.sqrt(expm1_neg(2.0 * eta_h)), grid, i)
         return x_next, history

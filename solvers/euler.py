@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ._math import ancestral_split
-from .base import Denoise, Grid, NoiseFn, call_denoise, require_noise
+from .base import Denoise, Grid, NoiseFn, call_denoise
+from .transition import sample_kernel
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class Euler:
       to DPM-Solver++(1) (arXiv 2211.01095 eq. 8), and for rectified flow to the flow-matching Euler
       step ``x + (t_{i+1} - t_i) v``. Order 1.
     * ``eta = 1``: ancestral sampling, the DDPM posterior step (Ho et al. 2020, arXiv 2006.11239);
-      ``eta`` matches DDIM's eta exactly. Consumes ``noise_fn``.
+      ``eta`` matches DDIM's eta exactly. Consumes ``noise_fn`` through
+      :func:`~diffsample.solvers.transition.sample_kernel` (kernel std ``alpha_{i+1} s_up``).
 
     Stages: 1 denoiser call per step. Not to be confused with the Euler-Maruyama step of the
     reverse SDE.
@@ -66,6 +68,5 @@ class Euler:
         x_next = (alpha_next * ratio / alpha) * x + (alpha_next * (1.0 - ratio)) * denoised
         # Fresh noise for the rest of the way to s_next.
         if s_up > 0:
-            z = require_noise(noise_fn, self)(sigma, sigma_next)
-            x_next = x_next + (alpha_next * s_up) * z
+            x_next = sample_kernel(noise_fn, self, x_next, alpha_next * s_up, grid, i)
         return x_next, None

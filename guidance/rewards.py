@@ -1,0 +1,298 @@
+"""Rewards for reward guidance: differentiable scores of (decoded) clean samples.
+
+A reward maps clean samples ``x0`` of shape ``(B, *dims)`` -- pixel space, after the model's
+decoder for latent models -- and the run's conditioning to one value per sample, shape ``(B,)``;
+higher is better. Reward-guidance terms (:mod:`.noisetilt`, :mod:`.dps`, :mod:`.svdd`, best-of-N)
+call it on the Tweedie estimate ``D(x_t)`` and, for gradient methods, differentiate it.
+
+Registry: :data:`REWARDS` (``"class_logp:label=3"``, ``"ink"``); any Python callable
+``(x0) -> (B,)`` or ``(x0, cond) -> (B,)`` becomes a reward with :func:`as_reward`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from diffsample.solvers.registry import Registry
+
+from .base import Cond, Resources
+
+
+class RewardError(ValueError):
+    """A reward returned something unusable (wrong shape, non-finite values, no gradient)."""
+
+
+class RewardModelMissing(ValueError):
+    """An optional reward model's local weight files are absent (nothing is downloaded)."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """``(x0 (B, *dims), cond) -> reward (B,)``; ``name`` identifies it in error messages."""
+
+    name: str
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class CallableReward:
+    """Wrap a Python callable ``fn(x0) -> (B,)`` or ``fn(x0, cond) -> (B,)`` as a :class:`Reward`."""
+
+    fn: Callable[..., Tensor]
+    name: str = "callable"
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
+        return self.fn(x0, cond) if _takes_two(self.fn) else self.fn(x0)
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def as_reward(reward: Reward | Callable[..., Tensor], name: str | None = None) -> Reward:
+    """``reward`` itself if it is a :class:`Reward`, else a :class:`CallableReward` around it.
+
+    Raises:
+        ValueError: ``reward`` is not callable.
+    """
+    if isinstance(reward, Reward) and name is None:
+        return reward
+    if not callable(reward):
+        raise ValueError(f"a reward must be callable (x0) -> (B,), got {reward!r}")
+    return CallableReward(reward, name or getattr(reward, "__name__", "callable"))
+
+
+def check_reward(value: Any, x0: Tensor, reward: Reward, *, need_grad: bool) -> Tensor:
+    """Validate a reward's output for the batch ``x0``: a tensor of shape ``(B,)``, finite, and
+    (``need_grad``) attached to the autograd graph of ``x0``.
+
+    Raises:
+        RewardError: naming the reward and what is wrong.
+    """
+    name = getattr(reward, "name", repr(reward))
+    b = x0.shape[0]
+    if not isinstance(value, Tensor):
+        raise RewardError(f"reward {name!r} returned {type(value).__name__}, expected a tensor of shape ({b},)")
+    if tuple(value.shape) != (b,):
+        raise RewardError(f"reward {name!r} returned shape {tuple(value.shape)}, expected ({b},): one value per sample")
+    if not bool(torch.isfinite(value).all()):
+        bad = (~torch.isfinite(value)).nonzero().flatten().tolist()
+        raise RewardError(f"reward {name!r} returned non-finite values for samples {bad}")
+    if need_grad and not value.requires_grad:
+        raise RewardError(f"reward {name!r} returned no gradient (its output is not differentiable with respect to "
+                          "the sample); gradient methods need a differentiable reward, search methods (svdd, "
+                          "best_of_n) do not")
+    return value
+
+
+def labels_for(x0: Tensor, cond: Cond | None, label: int | None, key: str = "class_labels") -> Tensor:
+    """Per-row target class ``(B,)``: ``label`` if given, else ``cond.positive[key]``.
+
+    Raises:
+        ValueError: neither is available.
+    """
+    if label is not None:
+        return torch.full((x0.shape[0],), int(label), dtype=torch.long, device=x0.device)
+    if cond is None or key not in cond.positive:
+        raise ValueError("reward 'class_logp' needs a target class: give label=K or run a class-conditional model "
+                         "with class labels")
+    return torch.as_tensor(cond.positive[key], device=x0.device).long().reshape(-1)
+
+
+@dataclass(frozen=True)
+class ClassLogProb:
+    """``log p(y | x0)`` of a classifier: a clean one ``x0 -> logits`` (``classifier="clean"``) or a
+    noise-aware one ``(x_t, t) -> logits`` evaluated at schedule time ``t0`` (``"noisy"``, default
+    ``t0 = 0``: the least-noisy level the bundled MNIST classifier was trained on).
+
+    Args:
+        model: the classifier network.
+        kind: ``"clean"`` or ``"noisy"``.
+        label: fixed target class, or ``None`` to read per-row labels from ``cond``.
+        t0: time passed to a noise-aware classifier.
+
+    Units: nats, ``<= 0``.
+    """
+
+    model: Any
+    kind: str = "noisy"
+    label: int | None = None
+    t0: float = 0.0
+    name: str = "class_logp"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("clean", "noisy"):
+            raise ValueError(f"class_logp: unknown classifier {self.kind!r}; valid: noisy, clean")
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
+        y = labels_for(x0, cond, self.label)
+        if self.kind == "clean":
+            logits = self.model(x0)
+        else:
+            logits = self.model(x0, torch.full((x0.shape[0],), self.t0, dtype=torch.float64, device=x0.device))
+        if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+            raise ValueError(f"class_logp: target class {sorted(set(y.tolist()))} outside 0..{logits.shape[1] - 1}")
+        return torch.log_softmax(logits.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+
+
+@dataclass(frozen=True)
+class Ink:
+    """Mean ink (stroke mass) of an image in ``[low, high]`` data range: ``mean((x0 - low) / (high - low))``
+    over all non-batch dims, in ``[0, 1]`` for in-range pixels (``low=-1, high=1``: white strokes on
+    black, the bundled MNIST convention)."""
+
+    low: float = -1.0
+    high: float = 1.0
+    name: str = "ink"
+
+    def __post_init__(self) -> None:
+        if not self.high > self.low:
+            raise ValueError(f"ink: need high > low, got low={self.low}, high={self.high}")
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
+        return ((x0 - self.low) / (self.high - self.low)).flatten(1).mean(1)
+
+
+def _class_logp(resources: Resources, label=None, classifier: str = "noisy", t0: float = 0.0) -> Reward:
+    model = resources.classifier if classifier == "noisy" else resources.clean_classifier
+    if classifier not in ("noisy", "clean"):
+        raise ValueError(f"class_logp: unknown classifier {classifier!r}; valid: noisy, clean")
+    if model is None:
+        raise ValueError(f"reward 'class_logp' with classifier={classifier} needs a {classifier} classifier; "
+                         "the model provides none")
+    return ClassLogProb(model, classifier, None if label is None else int(label), float(t0))
+
+
+REWARDS: Registry[Reward] = Registry("reward")
+REWARDS.add("class_logp", _class_logp, "log p(label | x0) under the model's noise-aware (default) or clean classifier")
+REWARDS.add("ink", lambda resources, low=-1.0, high=1.0: Ink(float(low), float(high)),
+            "mean ink / stroke mass in [0, 1] (pixels in [low, high])")
+
+
+def reward_from_spec(spec: str | Reward | Callable[..., Tensor], resources: Resources) -> Reward:
+    """A reward from a registry spec (``"class_logp:label=3;classifier=clean"``: options separated
+    by ``;`` inside a guidance spec, since ``,`` separates the guidance options) or a callable.
+
+    Raises:
+        ValueError: unknown reward name (listing the valid ones), bad options, missing resources.
+    """
+    if not isinstance(spec, str):
+        return as_reward(spec)
+    name, _, rest = spec.partition(":")
+    return REWARDS.create(name + (":" + rest.replace(";", ",") if rest else ""), resources=resources)
+
+
+# ---- optional rewards with external weights (local files only) ------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _require_path(path, reward: str, what: str):
+    from pathlib import Path
+
+    if path is None:
+        raise RewardModelMissing(f"reward {reward!r} needs {what}; nothing is downloaded")
+    p = Path(str(path)).expanduser()
+    if not p.exists():
+        raise RewardModelMissing(f"reward {reward!r}: {what} not found at {str(p)!r} (nothing is downloaded)")
+    return p
+
+
+def _load_clip(folder, reward: str):
+    """A ``transformers.CLIPModel`` (+ tokenizer) from a local folder with safetensors weights."""
+    folder = _require_path(folder, reward, "a local CLIP model folder (clip=FOLDER)")
+    if not any(folder.glob("*.safetensors")):
+        raise RewardModelMissing(f"reward {reward!r}: no *.safetensors weights in {str(folder)!r} (pickle weights "
+                                 "are refused)")
+    try:
+        from transformers import AutoTokenizer, CLIPModel
+    except ImportError:
+        raise RewardModelMissing(f"reward {reward!r} needs the 'transformers' package (pip install transformers)") from None
+    model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def _clip_pixels(x0: Tensor, size: int) -> Tensor:
+    """Samples in [-1, 1] ``(B, C, H, W)`` -> CLIP input ``(B, 3, size, size)`` (differentiable)."""
+    x = (x0.float().clamp(-1, 1) + 1) / 2
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class ClipScore:
+    """``scale * cos(CLIP image embedding, CLIP text embedding of prompt)`` (CLIP score, Hessel et
+    al. 2021, arXiv 2104.08718, with ``scale = 100``; PickScore, Kirstain et al. 2023, arXiv
+    2305.01569, is this with PickScore's CLIP weights and ``scale`` = the model's ``logit_scale``).
+    Loaded only from a local folder (``transformers`` ``CLIPModel`` saved with safetensors)."""
+
+    def __init__(self, folder, prompt: str, scale: float | None = 100.0, name: str = "clip_score") -> None:
+        self.name = name
+        self.model, tokenizer = _load_clip(folder, name)
+        tokens = tokenizer([prompt], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            text = self.model.get_text_features(**tokens)
+        self.text = torch.nn.functional.normalize(_features(text), dim=-1)
+        self.scale = float(self.model.logit_scale.exp()) if scale is None else float(scale)
+        self.size = self.model.config.vision_config.image_size
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
+        image = _features(self.model.get_image_features(pixel_values=_clip_pixels(x0, self.size)))
+        return self.scale * (torch.nn.functional.normalize(image, dim=-1) @ self.text.T.to(image)).squeeze(1)
+
+
+def _features(out) -> Tensor:
+    """``get_*_features`` return a tensor (transformers < 5) or an output object with ``pooler_output``."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+class Aesthetic:
+    """LAION aesthetic predictor: an MLP on the L2-normalised CLIP image embedding
+    (``improved-aesthetic-predictor``: dims ``E -> 1024 -> 128 -> 64 -> 16 -> 1``), scores ~1-10.
+    CLIP weights from a local folder, the head from a local safetensors file whose keys are
+    ``layers.{0,2,4,6,7}.{weight,bias}`` as in the public checkpoint."""
+
+    name = "aesthetic"
+
+    def __init__(self, clip_folder, head_file) -> None:
+        from safetensors.torch import load_file
+
+        head_path = _require_path(head_file, self.name, "the aesthetic head weights (head=FILE.safetensors)")
+        self.model, _ = _load_clip(clip_folder, self.name)
+        state = load_file(str(head_path))
+        dims = [state["layers.0.weight"].shape[1], 1024, 128, 64, 16, 1]
+        nn = torch.nn
+        self.head = nn.Sequential(nn.Linear(dims[0], 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                  nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        self.head.eval().requires_grad_(False)
+        self.size = self.model.config.vision_config.image_size
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
+        image = _features(self.model.get_image_features(pixel_values=_clip_pixels(x0, self.size)))
+        return self.head(torch.nn.functional.normalize(image, dim=-1)).squeeze(1)
+
+
+REWARDS.add("clip_score", lambda resources, clip=None, prompt="", scale=100.0: ClipScore(clip, str(prompt), scale),
+            "100 cos(CLIP image, CLIP text) from a local CLIP folder: clip=FOLDER;prompt=TEXT")
+REWARDS.add("pickscore", lambda resources, clip=None, prompt="": ClipScore(clip, str(prompt), None, "pickscore"),
+            "PickScore (CLIP with the model's logit scale) from a local folder: clip=FOLDER;prompt=TEXT")
+REWARDS.add("aesthetic", lambda resources, clip=None, head=None: Aesthetic(clip, head),
+            "LAION aesthetic MLP on CLIP image embeddings, local files: clip=FOLDER;head=FILE.safetensors")

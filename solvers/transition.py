@@ -1,0 +1,73 @@
+"""The explicit Gaussian reverse kernel of every stochastic step, and the hook that may replace its draw.
+
+Every stochastic step of the core solvers is "mean + std * noise" (methods-guidance.md section 1.1):
+
+``x_next = mean + std * z``,  ``z ~ N(0, I)`` drawn by the run's ``noise_fn``,
+
+with ``mean`` and the scalar ``std`` computed by the solver (ancestral Euler / DDPM: ``mean`` =
+the DDIM move to ``sigma_down``, ``std = alpha_next * sigma_up``; DPM-Solver++ SDE:
+``std = sigma_next * sqrt(1 - e^{-2 eta h})``). Solvers call :func:`sample_kernel` instead of
+adding noise themselves, so methods that change the *transition* -- NoiseTilt (tilted noise),
+SVDD (search over candidate draws) -- plug in here for every stochastic solver without subclassing
+one (DESIGN.md section 2.1, principle 5).
+
+A :class:`Transition` is installed for a run with :func:`use_transition` (the sampler does this
+when a guidance term provides one); without one, :func:`sample_kernel` is exactly
+``mean + std * noise_fn(sigma, sigma_next)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Protocol
+
+from torch import Tensor
+
+from .base import Grid, NoiseFn, require_noise
+
+
+class Transition(Protocol):
+    """Replaces the draw of the reverse kernel ``N(mean, std^2 I)`` of grid step ``i``.
+
+    Args (of ``__call__``):
+        mean: kernel mean ``(B, *dims)`` (native space, the solver's deterministic part).
+        std: kernel standard deviation (native units, > 0).
+        grid: the run's grid; the step goes from point ``i`` to ``i + 1``.
+        i: step index.
+        draw: ``() -> z``, a fresh standard-normal ``(B, *dims)`` draw from the run's ``noise_fn``
+            (each call advances it; the first call gives the draw the plain kernel would use).
+
+    Returns:
+        ``x_next`` of shape ``(B, *dims)``.
+    """
+
+    def __call__(self, mean: Tensor, std: float, grid: Grid, i: int, draw: Callable[[], Tensor]) -> Tensor: ...
+
+
+_ACTIVE: ContextVar[Transition | None] = ContextVar("diffsample_transition", default=None)
+
+
+@contextmanager
+def use_transition(transition: Transition | None) -> Iterator[None]:
+    """Install ``transition`` for the stochastic steps run inside the block (``None``: plain kernel)."""
+    token = _ACTIVE.set(transition)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def sample_kernel(noise_fn: NoiseFn | None, solver: object, mean: Tensor, std: float, grid: Grid, i: int) -> Tensor:
+    """Sample ``x_next ~ N(mean, std^2 I)`` for step ``i`` through the active :class:`Transition`.
+
+    Raises:
+        ValueError: ``noise_fn`` is ``None`` (a stochastic solver needs one).
+    """
+    fn = require_noise(noise_fn, solver)
+    sigma, sigma_next = grid.sigma_list[i], grid.sigma_list[i + 1]
+    transition = _ACTIVE.get()
+    if transition is None:
+        return mean + std * fn(sigma, sigma_next)
+    return transition(mean, std, grid, i, lambda: fn(sigma, sigma_next))
