@@ -20,4 +20,12 @@ def __getattr__(name: str):
         from diffsample.samplers.generate import generate
 
         return generate
+    if name in ("attach", "detach"):
+        from diffsample.samplers import attach as _attach
+
+        return getattr(_attach, name)
+    if name == "DiffSampleScheduler":  # also lets DiffusionPipeline.from_pretrained resolve a saved shim
+        from diffsample.samplers.scheduler_shim import DiffSampleScheduler
+
+        return DiffSampleScheduler
     raise AttributeError(f"module 'diffsample' has no attribute {name!r}")

@@ -97,7 +97,8 @@ def write_outputs(result, out: Path) -> list[Path]:
 
 @click.command("generate")
 @click.option("--model", "model", metavar="PATH_OR_ID", default="mnist", show_default=True,
-              help="Bundled 'mnist' or a diffusers model folder (unet/ + scheduler/, safetensors only).")
+              help="Bundled 'mnist' or a diffusers model folder (unet/ + scheduler/, or a pipeline folder "
+                   "with model_index.json; safetensors only).")
 @click.option("--solver", default="dpmpp_2m", show_default=True, callback=registry_spec("solvers"),
               help="Solver spec NAME[:key=value,...] (see `diffsample list solvers`).")
 @click.option("--schedule", default="trailing", show_default=True, callback=registry_spec("schedules"),
@@ -110,7 +111,8 @@ def write_outputs(result, out: Path) -> list[Path]:
 @click.option("--cfg-scale", type=click.FloatRange(min=0), default=None, help="Classifier-free guidance scale.")
 @click.option("--class", "class_label", type=int, default=None,
               help="Class for every sample (default: sample index mod #classes).")
-@click.option("--prompt", default=None, help="Text prompt (text-to-image pipelines only).")
+@click.option("--prompt", default=None, help="Text prompt (text-to-image pipeline folders: SD, SDXL, SD3, FLUX, PixArt).")
+@click.option("--negative-prompt", default=None, help="Negative prompt (the CFG branch; default empty).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="First seed; sample k uses seed + k.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True)
@@ -120,19 +122,19 @@ def write_outputs(result, out: Path) -> list[Path]:
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(DEFAULT_OUT), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, seed, num_samples,
+def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, negative_prompt, seed,
+                 num_samples,
                  batch_size, device, dtype, out, overwrite, quiet):
     """Generate samples: one PNG each (parameters in a text chunk), grid.png and run.json."""
     from diffsample.samplers.generate import generate
     from diffsample.samplers.models import ModelLoadError
 
     check_out_dir(out, overwrite)
-    if prompt is not None:
-        fail(f"--prompt needs a text-to-image pipeline; model {model!r} is not one")
     try:
         result = generate(model, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
                           class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
-                          device=device, dtype=dtype, final=final, progress=not quiet)
+                          device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
+                          negative_prompt=negative_prompt)
     except (ValueError, ModelLoadError) as exc:
         fail(str(exc))
     files = write_outputs(result, out)

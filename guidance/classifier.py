@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.solvers.accounting import add_model_evals
+from diffsample.solvers.accounting import add_backward_evals, forward_rows, measure_model_evals
 
 from ._common import GuidedDenoiser, alpha_sigma
 from .base import Cond, Denoiser
@@ -45,7 +45,7 @@ def guided_denoised(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, lo
     prediction this is ``D + scale sigma^2 / alpha grad log G`` (``score = (alpha D - x) / sigma^2``).
     ``estimator="noisy"``: ``G`` is evaluated on ``classifier(x_t, t)`` (no gradient through the
     denoiser). ``"tweedie"``: on ``clean_classifier(D(x_t))``, differentiated through the denoiser
-    (one VJP, recorded as 2 model evaluations per row).
+    (one VJP, recorded as 2 model evaluations per network row of the forward call, so 4 per sample under CFG).
     """
     a, s = alpha_sigma(inner.noise_schedule, t, x)
     with torch.enable_grad():
@@ -55,11 +55,13 @@ def guided_denoised(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, lo
                 denoised = inner(x, t, cond)
             logits = classifier(xg, t)
         else:
-            denoised = inner(xg, t, cond)
+            with measure_model_evals() as rows:
+                denoised = inner(xg, t, cond)
             logits = clean_classifier(denoised)
-            add_model_evals(2 * x.shape[0])
         lg = log_g(logits.to(torch.float64) if x.dtype == torch.float64 else logits)
         (grad,) = torch.autograd.grad(lg.sum(), xg)
+    if estimator != "noisy":
+        add_backward_evals(forward_rows(rows))  # one VJP through exactly the network rows of the forward call
     grad = grad.detach().to(x.dtype)
     return denoised.detach() + scale * (s**2 / a) * grad, grad
 

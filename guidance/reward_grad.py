@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffsample.solvers.accounting import add_backward_evals, add_event, measure_model_evals
+from diffsample.solvers.accounting import add_backward_evals, add_event, forward_rows, measure_model_evals
 
 from .base import Cond, Denoiser
 from .rewards import Reward, RewardError, check_reward
@@ -63,6 +63,6 @@ def reward_grad(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, reward
     if grad is None:
         raise RewardError(f"reward {getattr(reward, 'name', reward)!r} returned no gradient with respect to the sample")
     if grad_wrt == "x_t":
-        add_backward_evals(rows[0])
+        add_backward_evals(forward_rows(rows))
     add_event("reward_evals", x.shape[0])
     return RewardGrad(denoised if track else denoised.detach(), value.detach(), grad.detach().to(x.dtype))

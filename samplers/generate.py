@@ -15,8 +15,8 @@ from torch import Tensor
 from diffsample.guidance import CFG, GUIDANCE
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
-from .models import LoadedModel, load_model
-from .sampler import Sampler
+from .models import LoadedModel, PipelineModel, load_model
+from .sampler import Sampler, check_hooks, hooks
 from .seeds import SeededNoiseFn, seeded_noise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,7 +96,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
              steps: int = DEFAULT_STEPS, guidance: Sequence[str] = (), cfg_scale: float | None = None,
              class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
              num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
-             final: str = "zero", progress: bool = False) -> GenerateResult:
+             final: str = "zero", progress: bool = False, prompt: str | None = None,
+             negative_prompt: str | None = None) -> GenerateResult:
     """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
 
     The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
@@ -114,6 +115,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
             batches of ``batch_size``.
         device, dtype: where the network runs; ``dtype`` in ``fp32``, ``fp16``, ``bf16``.
         final: ``"zero"`` (denoise to sigma = 0) or ``"last"``.
+        prompt, negative_prompt: text for a text-to-image pipeline folder (SD, SDXL, SD3, FLUX,
+            PixArt), sampled with the native loop (:mod:`diffsample.samplers.pipelines`).
 
     Raises:
         ValueError: any bad argument (unknown names list the valid choices).
@@ -126,8 +129,18 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=DTYPES[dtype])
+    loaded = model if isinstance(model, (LoadedModel, PipelineModel)) else load_model(model, device=device,
+                                                                                        dtype=DTYPES[dtype])
+    if isinstance(loaded, PipelineModel):
+        from .pipelines.generate import generate_from_pipeline
+
+        return generate_from_pipeline(loaded, prompt=prompt, negative_prompt=negative_prompt, solver=solver,
+                                      schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale, seed=seed,
+                                      num_samples=num_samples, batch_size=batch_size, final=final, dtype=dtype)
+    if prompt is not None:
+        raise ValueError(f"--prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
     guided = build_guided(loaded, guidance, cfg_scale, sampler)
+    check_hooks(hooks(guided), sampler.solver)  # e.g. NoiseTilt on a deterministic solver, before any sampling
     if classes is not None:
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         if labels.numel() != num_samples:
@@ -136,22 +149,29 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         labels = default_classes(loaded, num_samples, class_label)
     loaded.cond(labels)  # validates every label's range before any sampling
     seeds = list(range(seed, seed + num_samples))
-    outputs, nfe, model_evals = [], 0, 0.0
+    outputs, nfe, model_evals, events = [], 0, 0.0, {}
     start = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
         batch_seeds = seeds[lo:lo + batch_size]
         noise = seeded_noise(batch_seeds, loaded.sample_shape, device=loaded.device)
         cond = loaded.cond(labels[lo:lo + batch_size] if labels is not None else None)
         noise_fn = SeededNoiseFn(batch_seeds, loaded.sample_shape, device=loaded.device)
-        result = sampler(guided, noise, cond, noise_fn=noise_fn)
+
+        def chain_noise(k: int, batch_seeds=batch_seeds):
+            return (seeded_noise(batch_seeds, loaded.sample_shape, device=loaded.device, chain=k),
+                    SeededNoiseFn(batch_seeds, loaded.sample_shape, device=loaded.device, chain=k))
+
+        result = sampler(guided, noise, cond, noise_fn=noise_fn, chain_noise=chain_noise)
         outputs.append(result.x.float().cpu())
         nfe, model_evals = result.nfe, result.model_evals
+        for key, count in result.events.items():
+            events[key] = events.get(key, 0) + count
     samples = torch.cat(outputs)
     record = {
         "model": loaded.name, "solver": solver, "schedule": schedule, "steps": steps, "final": final,
         "guidance": list(guidance), "cfg_scale": cfg_scale, "seeds": seeds,
         "classes": labels.tolist() if labels is not None else None,
-        "nfe": nfe, "model_evals": model_evals, "wall_time_s": round(time.perf_counter() - start, 4),
+        "nfe": nfe, "model_evals": model_evals, "events": events, "wall_time_s": round(time.perf_counter() - start, 4),
         "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -106,6 +106,8 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
         if not folder.is_dir():
             raise ModelLoadError(f"model {name!r} not found: not a local folder (hub downloads are off; "
                                  "point --model at a diffusers model folder or use the bundled 'mnist')")
+        if _is_pipeline_folder(folder):
+            return load_pipeline(folder, device=device, dtype=dtype)
         if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
             raise ModelLoadError(f"model folder {name!r} needs unet/ and scheduler/ subfolders (diffusers layout)")
         if not any((folder / "unet").glob("*.safetensors")):
@@ -133,3 +135,61 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
                           conditional=num_classes is not None)
     return LoadedModel(name, denoiser, sample_shape, resources, num_classes,
                        num_classes if num_classes is not None else None, device, dtype)
+
+
+@dataclass
+class PipelineModel:
+    """A diffusers pipeline folder loaded for the native loop (text-to-image and other families).
+
+    Attributes:
+        name: the folder.
+        denoiser: the family adapter (:class:`~diffsample.samplers.pipelines.PipelineDenoiser`);
+            ``denoiser.pipe`` is the pipeline.
+    """
+
+    name: str
+    denoiser: Any
+
+
+def _is_pipeline_folder(folder: Path) -> bool:
+    """A ``model_index.json`` naming a pipeline other than ``DDPMPipeline`` (which the UNet path loads)."""
+    import json
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except ValueError:
+        return False
+    return isinstance(name, str) and name != "DDPMPipeline"
+
+
+def load_pipeline(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> PipelineModel:
+    """Load a diffusers pipeline folder offline (``local_files_only``, safetensors only, no remote
+    code) and wrap it in its native-loop adapter.
+
+    Raises:
+        ModelLoadError: the folder cannot be loaded, or its pipeline has no native loop.
+    """
+    from diffusers import DiffusionPipeline
+
+    from .pipelines import PipelineDenoiser
+
+    name = str(folder)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                 torch_dtype=dtype)
+    except Exception as exc:  # diffusers / transformers raise many types for bad folders
+        raise ModelLoadError(f"cannot load {name!r} as a diffusers pipeline (safetensors only): {exc}") from None
+    pipe.to(torch.device(device))
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        denoiser = PipelineDenoiser.from_pipeline(pipe)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {name!r}: {exc}") from None
+    return PipelineModel(name, denoiser)

@@ -16,17 +16,21 @@ _COUNTER: ContextVar[list[float] | None] = ContextVar("diffsample_model_evals", 
 _EVENTS: ContextVar[dict[str, int] | None] = ContextVar("diffsample_events", default=None)
 
 
-def add_model_evals(rows: float) -> None:
-    """Record ``rows`` network rows (forward-equivalents x batch items); no-op outside a counter."""
+def add_model_evals(rows: float, backward: bool = False) -> None:
+    """Record ``rows`` network rows (forward-equivalents x batch items); no-op outside a counter.
+    ``backward=True`` marks them as the charge of a backward pass (``counter[1]`` keeps that part)."""
     counter = _COUNTER.get()
     if counter is not None:
         counter[0] += rows
+        if backward:
+            counter[1] += rows
 
 
 @contextmanager
 def count_model_evals() -> Iterator[list[float]]:
-    """Context manager yielding a one-element list holding the running row count."""
-    counter = [0.0]
+    """Context manager yielding ``[rows, backward_rows]``: the running row count (``[0]``) and the
+    part of it charged for backward passes (``[1]``)."""
+    counter = [0.0, 0.0]
     token = _COUNTER.set(counter)
     try:
         yield counter
@@ -36,11 +40,12 @@ def count_model_evals() -> Iterator[list[float]]:
 
 @contextmanager
 def measure_model_evals() -> Iterator[list[float]]:
-    """Like :func:`count_model_evals` for a part of a run: yields the rows added inside the block,
-    and passes them on to the enclosing counter (if any) on exit. Used to charge a backward pass
-    through exactly the network passes a forward call made (2 forward-equivalents per row)."""
+    """Like :func:`count_model_evals` for a part of a run: yields ``[rows, backward_rows]`` added
+    inside the block (forward rows: ``rows - backward_rows``) and passes them on to the enclosing
+    counter (if any) on exit. Used to charge a backward pass through exactly the network passes a
+    forward call made (2 forward-equivalents per row)."""
     outer = _COUNTER.get()
-    counter = [0.0]
+    counter = [0.0, 0.0]
     token = _COUNTER.set(counter)
     try:
         yield counter
@@ -48,13 +53,19 @@ def measure_model_evals() -> Iterator[list[float]]:
         _COUNTER.reset(token)
         if outer is not None:
             outer[0] += counter[0]
+            outer[1] += counter[1]
+
+
+def forward_rows(measured: list[float]) -> float:
+    """Forward network rows of a :func:`measure_model_evals` result (backward charges removed)."""
+    return measured[0] - measured[1]
 
 
 def add_backward_evals(forward_rows: float) -> None:
     """Charge one backward (VJP) pass through a forward call that used ``forward_rows`` network rows:
     ``2 * forward_rows`` model evaluations (DESIGN.md section 6.3), also counted as the event
     ``"backward_rows"`` so forward passes alone can be recovered (``model_evals - 2 * backward``)."""
-    add_model_evals(2 * forward_rows)
+    add_model_evals(2 * forward_rows, backward=True)
     add_event("backward_rows", int(round(forward_rows)))
 
 

@@ -104,7 +104,7 @@ class DPMSolverPP:
             return alpha_next * denoised, history
 
         h = lambda_next - lambda_
-        eta_h = self.eta * h
+        eta_h = self.eta * h if self.eta else 0.0  # h = inf at alpha = 0 (flow t = 1): avoid 0 * inf
         h_eta = h + eta_h
         c1 = expm1_neg(h_eta)  # 1 - e^{-h_eta}
         # First-order (DDIM / SDE-DDIM) part.

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .accounting import add_event, add_model_evals
+from .accounting import add_event, add_model_evals, forward_rows, measure_model_evals
 from .base import Denoise, Grid, NoiseFn, Solver, SolverState
 
 ApplySteps = Literal["all", "all_but_last"] | int | Callable[[int, Grid], bool]
@@ -319,10 +319,12 @@ class SteinDiff:
     def _vjp(self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SolverState, noise_fn: NoiseFn | None,
              gen: torch.Generator | None):
         """Base step with autograd on; ``probes`` backward passes give ``v^T J_T v`` per sample."""
-        calls = []
+        calls, rows = [], [0.0]
 
         def tracked(x_in: Tensor, t: Tensor) -> Tensor:
-            out = denoise(x_in, t)
+            with measure_model_evals() as measured:
+                out = denoise(x_in, t)
+            rows[0] += forward_rows(measured)
             calls.append(x_in.requires_grad and not out.requires_grad)
             return out
 
@@ -337,7 +339,7 @@ class SteinDiff:
             for k in range(self.probes):
                 v = self._probe(x_, gen)
                 (g,) = torch.autograd.grad(x_next, x_, v, retain_graph=k < self.probes - 1, allow_unused=True)
-                add_model_evals(2 * x.shape[0] * len(calls))
+                add_model_evals(2 * rows[0], backward=True)  # one VJP through every network row of the step's calls
                 divs.append(_rows(v * g) if g is not None else torch.zeros(x.shape[0], dtype=x.dtype))
         div_t = torch.stack(divs).mean(0).detach()
         return x_next.detach(), tree_map(torch.Tensor.detach, new_state), div_t
