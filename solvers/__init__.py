@@ -7,6 +7,7 @@ k-diffusion and ComfyUI. Adding a solver = one file plus one ``SOLVERS.add`` lin
 from .base import Denoise, Grid, NoiseFn, NoiseSchedule, Solver
 from .dpm_solver import DPMSolverPP
 from .euler import Euler
+from .flow_sde import FlowSDE
 from .heun import Heun
 from .noise_schedules import VE, DiscreteVP, LinearVP, RectifiedFlow
 from .registry import Registry, parse_spec
@@ -18,6 +19,7 @@ SOLVERS: Registry[Solver] = Registry("solver")
 SOLVERS.add("euler", Euler, "Euler / DDIM (eta=0), = DPM-Solver++(1); order 1, 1 NFE/step", eta=0.0)
 SOLVERS.add("ddim", Euler, "alias of euler: DDIM with eta=0 (pass eta=... for stochastic DDIM)", eta=0.0)
 SOLVERS.add("euler_ancestral", Euler, "ancestral Euler (eta=1) = DDPM posterior step; stochastic", eta=1.0)
+SOLVERS.add("flow_sde", FlowSDE, "rectified-flow SDE, g = 0.7 sqrt(t/(1-t)) (Flow-GRPO); flow models only; stochastic", noise_level=0.7)
 SOLVERS.add("heun", Heun, "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)")
 SOLVERS.add("dpmpp_2m", DPMSolverPP, "DPM-Solver++(2M) multistep; order 2, 1 NFE/step", order=2)
 SOLVERS.add("dpmpp_3m", DPMSolverPP, "DPM-Solver++(3M) multistep; order 3, 1 NFE/step", order=3)
@@ -45,7 +47,7 @@ STEP_SCHEDULES.add("trailing", TimeUniform, "uniform in t, diffusers 'trailing' 
 STEP_SCHEDULES.add("flow_shift", FlowShift, "SD3/FLUX shifted time-uniform spacing (rectified flow only), shift=3")
 
 __all__ = [
-    "SOLVERS", "STEP_SCHEDULES", "Denoise", "DPMSolverPP", "DiscreteVP", "Euler", "FlowShift", "Grid",
+    "SOLVERS", "STEP_SCHEDULES", "Denoise", "DPMSolverPP", "DiscreteVP", "Euler", "FlowSDE", "FlowShift", "Grid",
     "Heun", "Karras", "LambdaUniform", "LinearVP", "NoiseFn", "NoiseSchedule", "PolyExponential",
     "RectifiedFlow", "Registry", "Solver", "SteinDiff", "TimeUniform", "UniPC", "VE", "fixed", "parse_spec",
 ]

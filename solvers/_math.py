@@ -49,7 +49,8 @@ def ancestral_split(sigma_ve: float, sigma_ve_next: float, eta: float) -> tuple[
     """
     if eta == 0.0 or sigma_ve_next == 0.0:
         return sigma_ve_next, 0.0
-    up = min(sigma_ve_next, eta * math.sqrt(sigma_ve_next**2 * (sigma_ve**2 - sigma_ve_next**2) / sigma_ve**2))
+    # sigma_ve = inf (alpha = 0, a flow grid's t = 1) is the limit sigma_up = min(sigma_next, eta sigma_next).
+    up = min(sigma_ve_next, eta * sigma_ve_next * math.sqrt(max(1.0 - (sigma_ve_next / sigma_ve) ** 2, 0.0)))
     down = math.sqrt(max(sigma_ve_next**2 - up**2, 0.0))
     return down, up
 

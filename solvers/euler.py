@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -61,11 +62,11 @@ class Euler:
         alpha, alpha_next = grid.alpha_list[i], grid.alpha_list[i + 1]
         sigma, sigma_next = grid.sigma_list[i], grid.sigma_list[i + 1]
         denoised = call_denoise(denoise, x, grid.t_list[i])
-        s, s_next = sigma / alpha, sigma_next / alpha_next
-        s_down, s_up = ancestral_split(s, s_next, self.eta)
-        # Deterministic move to s_down along the tangent through denoised.
-        ratio = s_down / s
-        x_next = (alpha_next * ratio / alpha) * x + (alpha_next * (1.0 - ratio)) * denoised
+        s = sigma / alpha if alpha > 0 else math.inf  # a flow grid may start at t = 1 (alpha = 0)
+        s_down, s_up = ancestral_split(s, sigma_next / alpha_next, self.eta)
+        # Deterministic move to s_down along the tangent through denoised (ratio = s_down / s).
+        ratio = s_down * alpha / sigma
+        x_next = (alpha_next * s_down / sigma) * x + (alpha_next * (1.0 - ratio)) * denoised
         # Fresh noise for the rest of the way to s_next.
         if s_up > 0:
             x_next = sample_kernel(noise_fn, self, x_next, alpha_next * s_up, grid, i)

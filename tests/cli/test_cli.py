@@ -86,6 +86,13 @@ def test_cfg_scale_doubles_model_evals(tmp_path):
     (["--solver", "dpmpp_2m:order=7"], "order must be 1, 2 or 3, got 7"),
     (["--solver", "euler:bogus=1"], "bad options for solver 'euler'"),
     (["--prompt", "a cat"], "--prompt needs a text-to-image pipeline"),
+    (["--guidance", "noisetilt"], "is deterministic (no noise to tilt); use a stochastic solver: euler_ancestral"),
+    (["--solver", "euler_ancestral", "--guidance", "noisetilt:strength=1.5"], "strength must be in [0, 1], got 1.5"),
+    (["--solver", "euler_ancestral", "--guidance", "svdd:k=0"], "particles (K) must be an integer >= 1, got 0"),
+    (["--solver", "euler_ancestral", "--guidance", "best_of_n:n=0"], "N must be an integer >= 1, got 0"),
+    (["--solver", "euler_ancestral", "--guidance", "dps:reward=nope"], "unknown reward 'nope'; valid: class_logp"),
+    (["--solver", "euler_ancestral", "--guidance", "dps:reward=aesthetic:clip=/no/clip;head=/no/h.safetensors"],
+     "/no/h.safetensors"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     out = tmp_path / "o"
@@ -93,6 +100,16 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def test_main_job_with_noisetilt_records_backward_passes(tmp_path):
+    result = run("generate", *SMALL, "--solver", "stein-dpm:eta=1", "--guidance", "noisetilt", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "o" / "run.json").read_text())
+    steps = record["nfe"]
+    # 1 forward + 1 backward (2) per step, + 2 per Stein probe on the corrected first step (5 probes)
+    assert record["model_evals"] == 3 * steps + 10
+    assert record["events"]["backward_rows"] == steps * record["num_samples"]
 
 
 def test_existing_out_dir_with_files_needs_overwrite(tmp_path):

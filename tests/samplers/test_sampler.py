@@ -5,7 +5,7 @@ import torch
 
 from diffsample.guidance import CFG, Cond
 from diffsample.samplers import NonFiniteError, Sampler, SeededNoiseFn, seeded_noise
-from diffsample.solvers import SOLVERS, STEP_SCHEDULES, VE, Karras, LinearVP
+from diffsample.solvers import SOLVERS, STEP_SCHEDULES, VE, Karras, LinearVP, RectifiedFlow
 from diffsample.testbed.gmm import GaussianMixture
 
 GMM = GaussianMixture.random(dim=2 * 4 * 4, components=4, seed=1)
@@ -16,7 +16,8 @@ EXPECTED_NFE = {"heun": lambda steps: 2 * steps - 1}
 def test_nfe_and_model_evals(name):
     steps = 7
     solver = SOLVERS.create(name)
-    result = Sampler(solver, Karras(), steps)(GMM.denoiser(LinearVP()), torch.randn(3, 32, dtype=torch.float64))
+    ns = RectifiedFlow() if name == "flow_sde" else LinearVP()  # flow_sde is for flow models only
+    result = Sampler(solver, Karras(), steps)(GMM.denoiser(ns), torch.randn(3, 32, dtype=torch.float64))
     expected = EXPECTED_NFE.get(name, lambda s: s)(steps)
     assert result.nfe == expected == solver.nfe(result.grid)
     # One network pass per call and sample; SteinDiff adds its probes' backward passes.
@@ -41,9 +42,10 @@ def test_cfg_doubles_model_evals():
 @pytest.mark.parametrize("name", SOLVERS.names())
 def test_image_and_video_shapes(name, shape):
     noise = torch.randn(*shape, dtype=torch.float64)
-    flat = Sampler(SOLVERS.create(name), Karras(), 6)(GMM.denoiser(VE()), noise.reshape(2, -1),
+    ns = RectifiedFlow() if name == "flow_sde" else VE()
+    flat = Sampler(SOLVERS.create(name), Karras(), 6)(GMM.denoiser(ns), noise.reshape(2, -1),
                                                        noise_fn=lambda s, sn: torch.zeros(2, 32, dtype=torch.float64))
-    shaped = Sampler(SOLVERS.create(name), Karras(), 6)(GMM.denoiser(VE()), noise,
+    shaped = Sampler(SOLVERS.create(name), Karras(), 6)(GMM.denoiser(ns), noise,
                                                          noise_fn=lambda s, sn: torch.zeros(shape, dtype=torch.float64))
     assert shaped.x.shape == shape
     assert torch.allclose(shaped.x.reshape(2, -1), flat.x, rtol=1e-12, atol=1e-12)
