@@ -91,7 +91,9 @@ class Bench:
     def dagger(self, method: str, digit: int, param: float | None):
         """Best-of-N on top of a single-chain method, N = budget // (forward NFE of one chain)."""
         inner = self.build(method, digit, param)
-        per_chain = STEPS + (2 * sum(1 for i in range(STEPS) if 0.3 <= i / STEPS < 0.7) if method == "freedom" else 0)
+        grid = self.sampler.grid(self.base.noise_schedule)
+        repeats = getattr(inner, "recurrence", lambda grid, i: 0)  # FreeDoM time travel
+        per_chain = STEPS + sum(repeats(grid, i) for i in range(grid.steps))
         return BestOfN(self.reward(digit), max(1, self.args.budget // per_chain))(inner)
 
     def sample(self, guided, n: int, seed0: int) -> tuple[torch.Tensor, dict]:

@@ -88,6 +88,31 @@ def call_both(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, who: str
     return inner(x, t, pos), inner(x, t, neg)
 
 
+def target_labels(x: Tensor, cond: Cond | None, label: int | None, key: str, who: str) -> Tensor:
+    """Per-row target class ``(B,)``: ``label`` if given, else ``cond.positive[key]``.
+
+    Raises:
+        ValueError: neither is available (the message starts with ``who``).
+    """
+    if label is not None:
+        return torch.full((x.shape[0],), int(label), dtype=torch.long, device=x.device)
+    if cond is None or key not in cond.positive:
+        raise ValueError(f"{who} needs a target class: give label=K or a cond with positive[{key!r}] "
+                         "(a class-conditional model with class labels)")
+    return torch.as_tensor(cond.positive[key], device=x.device).long().reshape(-1)
+
+
+def class_log_prob(logits: Tensor, y: Tensor, who: str) -> Tensor:
+    """``log softmax(logits)[y]`` per row, shape ``(B,)``.
+
+    Raises:
+        ValueError: a label outside ``0 .. K - 1``.
+    """
+    if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+        raise ValueError(f"{who}: target class {sorted(set(y.tolist()))} outside 0..{logits.shape[1] - 1}")
+    return torch.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+
+
 def row_norm(v: Tensor) -> Tensor:
     """Euclidean norm over all non-batch dims, shaped ``(B, 1, ..., 1)``."""
     return append_dims(v.reshape(v.shape[0], -1).norm(dim=1), v.ndim)

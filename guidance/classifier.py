@@ -12,7 +12,7 @@ from torch import Tensor
 
 from diffsample.solvers.accounting import add_backward_evals, forward_rows, measure_model_evals
 
-from ._common import GuidedDenoiser, alpha_sigma
+from ._common import GuidedDenoiser, alpha_sigma, class_log_prob, target_labels
 from .base import Cond, Denoiser
 
 ESTIMATORS = ("noisy", "tweedie")
@@ -109,23 +109,12 @@ class ClassifierGuidance:
 
 
 class _ClassifierDenoiser(GuidedDenoiser):
-    def labels(self, x: Tensor, cond: Cond | None) -> Tensor:
-        term = self.term
-        if term.label is not None:
-            return torch.full((x.shape[0],), int(term.label), dtype=torch.long, device=x.device)
-        if cond is None or term.label_key not in cond.positive:
-            raise ValueError(f"classifier guidance needs a target class: give label=K or a cond with "
-                             f"positive[{term.label_key!r}]")
-        return torch.as_tensor(cond.positive[term.label_key], device=x.device).long().reshape(-1)
-
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         term = self.term
-        y = self.labels(x, cond)
+        y = target_labels(x, cond, term.label, term.label_key, "classifier guidance")
 
         def log_g(logits: Tensor) -> Tensor:
-            if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
-                raise ValueError(f"classifier guidance: target class {y.tolist()} outside 0..{logits.shape[1] - 1}")
-            return torch.log_softmax(logits, dim=1).gather(1, y[:, None]).squeeze(1)
+            return class_log_prob(logits, y, "classifier guidance")
 
         out, _ = guided_denoised(self.inner, x, t, base_cond(cond, term.base), log_g, estimator=term.estimator,
                                  classifier=term.classifier, clean_classifier=term.clean_classifier,

@@ -60,7 +60,7 @@ class DPSDenoiser(GuidedDenoiser):
             return self.inner(x, t, cond)
         out = reward_grad(self.inner, x, t, cond, term.reward, term.decode, term.grad_wrt)
         a, s = alpha_sigma(self.noise_schedule, t, x)
-        g = out.grad / a if term.grad_wrt == "x0hat" else out.grad
+        g = out.grad
         if term.normalize:
             g = g * (math.sqrt(g[0].numel()) / row_norm(g).clamp_min(1e-30))
         return out.denoised + term.scale * (s**2 / a) * g

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from diffsample.solvers._math import alpha_sigma
 from diffsample.solvers.base import Grid
 
 from ._common import GuidedDenoiser
@@ -111,7 +110,7 @@ class NoiseTiltDenoiser(GuidedDenoiser):
 
     def __init__(self, inner: Denoiser, term: NoiseTilt) -> None:
         super().__init__(inner, term)
-        self.pending: tuple[Tensor, Tensor, Tensor] | None = None
+        self.pending: tuple[Tensor, Tensor] | None = None
         self.trace: list[TiltRecord] = []
 
     def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
@@ -120,10 +119,7 @@ class NoiseTiltDenoiser(GuidedDenoiser):
             self.pending = None
             return self.inner(x, t, cond)
         out = reward_grad(self.inner, x, t, cond, term.reward, term.decode, term.grad_wrt)
-        grad = out.grad
-        if term.grad_wrt == "x0hat":
-            grad = grad / alpha_sigma(self.noise_schedule, t, x)[0]
-        self.pending = (grad, out.reward, torch.as_tensor(t))
+        self.pending = (out.grad, out.reward)
         return out.denoised
 
     def rho(self, w: Tensor, g: Tensor, std: float, grid: Grid, i: int) -> tuple[Tensor, Tensor]:
@@ -149,7 +145,7 @@ class NoiseTiltDenoiser(GuidedDenoiser):
         z = draw()
         if self.pending is None:  # strength 0: the plain kernel
             return mean + std * z
-        g, reward, _ = self.pending
+        g, reward = self.pending
         self.pending = None
         if g.shape != mean.shape:
             raise RuntimeError(f"noisetilt: gradient of shape {tuple(g.shape)} for a step of shape {tuple(mean.shape)}; "

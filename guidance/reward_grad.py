@@ -1,7 +1,8 @@
 """The reward gradient of gradient-based reward guidance (NoiseTilt, DPS, FreeDoM), with exact cost
 accounting: ``g = grad_{x_t} r(decode(D(x_t)))`` through the denoiser (one VJP, charged as
-``2 x`` the forward rows it passes back through), or the cheap ``grad_{x0} r(decode(x0))`` at
-``x0 = D(x_t)`` (no denoiser VJP; not what the papers use)."""
+``2 x`` the forward rows it passes back through), or the cheap estimate
+``grad_{x0} r(decode(x0)) / alpha_t`` at ``x0 = D(x_t)`` (no denoiser VJP; ``dD/dx_t ~ I / alpha_t``
+at low noise; not what the papers use)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from diffsample.solvers.accounting import add_backward_evals, add_event, forward_rows, measure_model_evals
 
+from ._common import alpha_sigma
 from .base import Cond, Denoiser
 from .rewards import Reward, RewardError, check_reward
 
@@ -21,7 +23,7 @@ GRAD_WRT = ("x_t", "x0hat")
 
 class RewardGrad(NamedTuple):
     """``denoised`` (B, *dims) -- attached to the caller's graph when its ``x`` required grad --,
-    ``reward`` (B,) and ``grad`` (B, *dims), both detached."""
+    ``reward`` (B,) and ``grad`` (B, *dims, the gradient with respect to ``x_t``), both detached."""
 
     denoised: Tensor
     reward: Tensor
@@ -38,7 +40,7 @@ def reward_grad(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, reward
     """Evaluate ``D(x_t)``, the reward of ``decode(D)`` and its gradient.
 
     ``grad_wrt="x_t"``: ``grad_{x_t} r(decode(D(x_t)))`` (DPS, arXiv 2209.14687 eq. 16; NoiseTilt
-    arXiv 2606.18066); ``"x0hat"``: ``grad_{x0} r(decode(x0))`` at ``x0 = D(x_t)``.
+    arXiv 2606.18066); ``"x0hat"``: ``grad_{x0} r(decode(x0)) / alpha_t`` at ``x0 = D(x_t)``.
 
     When ``x`` itself requires grad (a SteinDiff probe differentiating the step), the returned
     ``denoised`` keeps its graph to ``x``; otherwise it is detached. Records the event
@@ -62,7 +64,10 @@ def reward_grad(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, reward
         (grad,) = torch.autograd.grad(value.sum(), at, retain_graph=track, allow_unused=True)
     if grad is None:
         raise RewardError(f"reward {getattr(reward, 'name', reward)!r} returned no gradient with respect to the sample")
+    grad = grad.detach().to(x.dtype)
     if grad_wrt == "x_t":
         add_backward_evals(forward_rows(rows))
+    else:
+        grad = grad / alpha_sigma(inner.noise_schedule, t, x)[0]
     add_event("reward_evals", x.shape[0])
-    return RewardGrad(denoised if track else denoised.detach(), value.detach(), grad.detach().to(x.dtype))
+    return RewardGrad(denoised if track else denoised.detach(), value.detach(), grad)

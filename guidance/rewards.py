@@ -21,6 +21,7 @@ from torch import Tensor
 
 from diffsample.solvers.registry import Registry
 
+from ._common import class_log_prob, target_labels
 from .base import Cond, Resources
 
 
@@ -97,20 +98,6 @@ def check_reward(value: Any, x0: Tensor, reward: Reward, *, need_grad: bool) -> 
     return value
 
 
-def labels_for(x0: Tensor, cond: Cond | None, label: int | None, key: str = "class_labels") -> Tensor:
-    """Per-row target class ``(B,)``: ``label`` if given, else ``cond.positive[key]``.
-
-    Raises:
-        ValueError: neither is available.
-    """
-    if label is not None:
-        return torch.full((x0.shape[0],), int(label), dtype=torch.long, device=x0.device)
-    if cond is None or key not in cond.positive:
-        raise ValueError("reward 'class_logp' needs a target class: give label=K or run a class-conditional model "
-                         "with class labels")
-    return torch.as_tensor(cond.positive[key], device=x0.device).long().reshape(-1)
-
-
 @dataclass(frozen=True)
 class ClassLogProb:
     """``log p(y | x0)`` of a classifier: a clean one ``x0 -> logits`` (``classifier="clean"``) or a
@@ -137,14 +124,12 @@ class ClassLogProb:
             raise ValueError(f"class_logp: unknown classifier {self.kind!r}; valid: noisy, clean")
 
     def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
-        y = labels_for(x0, cond, self.label)
+        y = target_labels(x0, cond, self.label, "class_labels", "reward 'class_logp'")
         if self.kind == "clean":
             logits = self.model(x0)
         else:
             logits = self.model(x0, torch.full((x0.shape[0],), self.t0, dtype=torch.float64, device=x0.device))
-        if int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
-            raise ValueError(f"class_logp: target class {sorted(set(y.tolist()))} outside 0..{logits.shape[1] - 1}")
-        return torch.log_softmax(logits.float(), dim=1).gather(1, y[:, None]).squeeze(1)
+        return class_log_prob(logits.float(), y, "class_logp")
 
 
 @dataclass(frozen=True)

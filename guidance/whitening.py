@@ -6,7 +6,7 @@
 high-confidence sets of order statistics of i.i.d. ``N(0, 1)`` variables, each at level ``alpha``
 (two-sided, ``alpha / 2`` per side), and ``W`` alternates Euclidean projections onto them.
 
-Sources (tags of ``/work/shared/reference/methods-guidance.md`` sections 2.2, 2.5, 2.7): the goal
+Sources (tags of the project's design reference ``methods-guidance.md``, not shipped, sections 2.2, 2.5, 2.7): the goal
 and the building blocks (2OS "two-level order statistics" projection, tile means and energies, an
 orthogonal frequency domain, ``alpha = 1e-4``) are from a secondary source on the paper [S]; the
 bound formulas are derived [D]; the composition (standardize first, 8x8 tiles, value and

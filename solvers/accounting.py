@@ -27,23 +27,9 @@ def add_model_evals(rows: float, backward: bool = False) -> None:
 
 
 @contextmanager
-def count_model_evals() -> Iterator[list[float]]:
-    """Context manager yielding ``[rows, backward_rows]``: the running row count (``[0]``) and the
-    part of it charged for backward passes (``[1]``)."""
-    counter = [0.0, 0.0]
-    token = _COUNTER.set(counter)
-    try:
-        yield counter
-    finally:
-        _COUNTER.reset(token)
-
-
-@contextmanager
-def measure_model_evals() -> Iterator[list[float]]:
-    """Like :func:`count_model_evals` for a part of a run: yields ``[rows, backward_rows]`` added
-    inside the block (forward rows: ``rows - backward_rows``) and passes them on to the enclosing
-    counter (if any) on exit. Used to charge a backward pass through exactly the network passes a
-    forward call made (2 forward-equivalents per row)."""
+def _counter(propagate: bool) -> Iterator[list[float]]:
+    """Install a fresh ``[rows, backward_rows]`` counter; on exit add it to the enclosing one if
+    ``propagate``."""
     outer = _COUNTER.get()
     counter = [0.0, 0.0]
     token = _COUNTER.set(counter)
@@ -51,9 +37,23 @@ def measure_model_evals() -> Iterator[list[float]]:
         yield counter
     finally:
         _COUNTER.reset(token)
-        if outer is not None:
+        if propagate and outer is not None:
             outer[0] += counter[0]
             outer[1] += counter[1]
+
+
+def count_model_evals():
+    """Context manager yielding ``[rows, backward_rows]``: the running row count (``[0]``) and the
+    part of it charged for backward passes (``[1]``) of one run (not added to any enclosing count)."""
+    return _counter(propagate=False)
+
+
+def measure_model_evals():
+    """Like :func:`count_model_evals` for a part of a run: yields ``[rows, backward_rows]`` added
+    inside the block (forward rows: ``rows - backward_rows``) and passes them on to the enclosing
+    counter (if any) on exit. Used to charge a backward pass through exactly the network passes a
+    forward call made (2 forward-equivalents per row)."""
+    return _counter(propagate=True)
 
 
 def forward_rows(measured: list[float]) -> float:
