@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ._options import fail, registry_spec
+from ._options import cache_file, fail, registry_spec
 
 DEFAULT_OUT = "out"
 
@@ -95,6 +95,18 @@ def write_outputs(result, out: Path) -> list[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def marginal_summary(m: dict) -> str:
+    """One line on where a Jeffrey model marginal came from."""
+    probs = "[" + ", ".join(f"{p:.3f}" for p in m["probs"]) + "]"
+    if m["source"] == "given":
+        return f"model marginal (given): {probs}"
+    if m["source"] == "cache":
+        return f"model marginal from cache {m['cache_path']} (n={m['n']}): {probs}"
+    where = f", cached in {m['cache_path']}" if m["cache_path"] else ""
+    return (f"model marginal estimated from {m['n']} unguided samples (model_evals={m['model_evals']:g}, "
+            f"{m['wall_time_s']:.1f} s{where}): {probs}")
+
+
 @click.command("generate")
 @click.option("--model", "model", metavar="PATH_OR_ID", default="mnist", show_default=True,
               help="Bundled 'mnist' or a diffusers model folder (unet/ + scheduler/, or a pipeline folder "
@@ -117,14 +129,21 @@ def write_outputs(result, out: Path) -> list[Path]:
               help="First seed; sample k uses seed + k.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--marginal-samples", type=click.IntRange(min=1), default=1000, show_default=True, metavar="N",
+              help="Jeffrey guidance without model_marginal=: estimate the model marginal p_theta(y) from N "
+                   "unguided samples of the same sampler (null class), soft-labelled by the model's classifier "
+                   "(variant=conditional: the classifier's prior on N noise draws). Cached; a cache hit "
+                   "samples nothing.")
+@click.option("--marginal-cache", default=None, metavar="PATH", callback=cache_file,
+              help="JSON cache of estimated model marginals [default: $DIFFSAMPLE_CACHE_DIR/marginals.json, "
+                   "else ~/.cache/diffsample/marginals.json]; 'none' turns caching off.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(DEFAULT_OUT), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, negative_prompt, seed,
-                 num_samples,
-                 batch_size, device, dtype, out, overwrite, quiet):
+                 num_samples, batch_size, marginal_samples, marginal_cache, device, dtype, out, overwrite, quiet):
     """Generate samples: one PNG each (parameters in a text chunk), grid.png and run.json."""
     from diffsample.samplers.generate import generate
     from diffsample.samplers.models import ModelLoadError
@@ -134,11 +153,15 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
         result = generate(model, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
                           class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
                           device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
-                          negative_prompt=negative_prompt)
+                          negative_prompt=negative_prompt, marginal_samples=marginal_samples,
+                          marginal_cache=marginal_cache)
     except (ValueError, ModelLoadError) as exc:
         fail(str(exc))
     files = write_outputs(result, out)
     if not quiet:
         rec = result.record
+        marginals = rec.get("model_marginal")
+        for m in ([marginals] if isinstance(marginals, dict) else marginals or []):
+            click.echo(marginal_summary(m))
         click.echo(f"wrote {len(files) - 2} samples, grid.png and run.json to {out} "
                    f"(nfe={rec['nfe']}, model_evals={rec['model_evals']:g}, {rec['wall_time_s']:.2f} s)")

@@ -22,6 +22,7 @@ from .dps import DPS, FreeDoM
 from .noisetilt import NoiseTilt
 from .rewards import REWARDS, Reward, RewardError, RewardModelMissing, as_reward, reward_from_spec
 from .svdd import SVDD
+from .tds import TDS
 from .whitening import whiten
 from .cfg import CFG
 from .cfg_zero_star import CFGZeroStar
@@ -29,6 +30,7 @@ from .cfgpp import CFGPlusPlus
 from .classifier import ClassifierGuidance
 from .identity import NoGuidance
 from .interval import Interval, within
+from .embedding import JeffreyEmbedding, RatioClassifier, _jeffrey_embedding
 from .jeffrey import JeffreyGuidance
 from .marginal import MarginalEstimate, estimate_marginal, load_marginal, parse_target, save_marginal
 from diffsample.solvers.registry import Registry
@@ -92,7 +94,8 @@ def _classifier(resources: Resources, scale: float = 1.0, label=None, estimator:
 
 def _jeffrey(resources: Resources, target=None, model_marginal=None, estimator: str = "noisy",
              variant: str = "score", scale: float = 1.0, log_w_clip=None, prune: float = 0.0,
-             sigma_lo: float = 0.0, sigma_hi: float = math.inf) -> Guidance:
+             sigma_lo: float = 0.0, sigma_hi: float = math.inf, particles: int = 1, ess: float = 0.5,
+             resample: str = "systematic", tds_seed: int = 0) -> Guidance:
     if target is None:
         raise ValueError("guidance 'jeffrey' needs target=CLASS:PROB;CLASS:PROB... or target=FILE.json")
     _classifier_resources(resources, "jeffrey", "noisy" if variant == "conditional" else estimator)
@@ -112,7 +115,8 @@ def _jeffrey(resources: Resources, target=None, model_marginal=None, estimator: 
             p_model = parse_target(text, p_star.numel())
     term = JeffreyGuidance(p_star, p_model, resources.classifier, resources.clean_classifier, estimator=estimator,
                            variant=variant, scale=float(scale), prune=float(prune),
-                           log_w_clip=None if log_w_clip is None else float(log_w_clip))
+                           log_w_clip=None if log_w_clip is None else float(log_w_clip),
+                           tds=TDS(particles, float(ess), str(resample), int(tds_seed)) if particles != 1 else None)
     return _window(term, sigma_lo, sigma_hi, "unconditional")
 
 
@@ -157,7 +161,10 @@ GUIDANCE.add("apg", _apg, "adaptive projected guidance, scale=7.5, eta=0, moment
 GUIDANCE.add("cfgpp", _cfgpp, "CFG++ scale=0.6, Euler/DDIM only; needs sampler=... (arXiv 2406.08070)")
 GUIDANCE.add("cfg_zero_star", _cfg_zero_star, "CFG-Zero*: optimised scale, optional zero-init (arXiv 2503.18886)")
 GUIDANCE.add("classifier", _classifier, "classifier guidance, scale=1, noise-aware or tweedie (arXiv 2105.05233)")
-GUIDANCE.add("jeffrey", _jeffrey, "Jeffrey marginal guidance: target=CLASS:PROB;... (arXiv 2606.13240)")
+GUIDANCE.add("jeffrey", _jeffrey, "Jeffrey marginal guidance: target=CLASS:PROB;... (arXiv 2606.13240); "
+             "particles=K runs twisted SMC (TDS, arXiv 2306.17775)")
+GUIDANCE.add("jeffrey_embedding", _jeffrey_embedding, "Jeffrey guidance to a target set of embeddings: "
+             "ratio=FILE.safetensors (linear logistic ratio on features), Tweedie plug-in (arXiv 2606.13240)")
 GUIDANCE.add("noisetilt", _noisetilt, "NoiseTilt: whitened reward gradient in the noise of stochastic steps, rho=beta_matched, beta=1 (arXiv 2606.18066)")
 GUIDANCE.add("dps", _dps, "DPS reward guidance: score + scale * grad r(D(x_t)), scale=1 (arXiv 2209.14687)")
 GUIDANCE.add("freedom", _freedom, "FreeDoM: DPS-form gradient + time travel, repeats=2 on window 0.3;0.7 (arXiv 2303.09833)")
@@ -167,6 +174,6 @@ GUIDANCE.add("best_of_n", _best_of_n, "best-of-N: n=4 independent chains, keep t
 __all__ = [
     "APG", "BestOfN", "DPS", "FreeDoM", "NoiseTilt", "REWARDS", "Reward", "RewardError", "RewardModelMissing",
     "SVDD", "as_reward", "reward_from_spec", "whiten", "CFG", "CFGPlusPlus", "CFGZeroStar", "ClassifierGuidance", "GUIDANCE", "Cond", "Denoiser", "Guidance",
-    "Interval", "JeffreyGuidance", "MarginalEstimate", "NoGuidance", "Resources", "estimate_marginal",
+    "Interval", "JeffreyEmbedding", "JeffreyGuidance", "RatioClassifier", "TDS", "MarginalEstimate", "NoGuidance", "Resources", "estimate_marginal",
     "load_marginal", "parse_target", "save_marginal", "within",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,7 +47,29 @@ def guided_denoised(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, lo
     denoiser). ``"tweedie"``: on ``clean_classifier(D(x_t))``, differentiated through the denoiser
     (one VJP, recorded as 2 model evaluations per network row of the forward call, so 4 per sample under CFG).
     """
+    parts = guided_parts(inner, x, t, cond, log_g, estimator=estimator, classifier=classifier,
+                         clean_classifier=clean_classifier)
     a, s = alpha_sigma(inner.noise_schedule, t, x)
+    return parts.denoised + scale * (s**2 / a) * parts.grad, parts.grad
+
+
+class GuidedParts(NamedTuple):
+    """The pieces of a classifier-type guidance evaluation at ``x_t`` (all ``(B, ...)``, detached).
+
+    Attributes:
+        denoised: the base denoiser's data prediction ``D(x_t)``.
+        grad: ``grad_x log G_t(x_t)`` in score units.
+        log_g: ``log G_t(x_t)``, shape ``(B,)`` (the twist of twisted SMC, :mod:`diffsample.samplers.smc`).
+    """
+
+    denoised: Tensor
+    grad: Tensor
+    log_g: Tensor
+
+
+def guided_parts(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, log_g: LogG, *,
+                 estimator: str, classifier: Any, clean_classifier: Any) -> GuidedParts:
+    """``D(x_t)``, ``grad_x log G`` and ``log G`` of :func:`guided_denoised` (same estimators and accounting)."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         if estimator == "noisy":
@@ -62,8 +84,7 @@ def guided_denoised(inner: Denoiser, x: Tensor, t: Tensor, cond: Cond | None, lo
         (grad,) = torch.autograd.grad(lg.sum(), xg)
     if estimator != "noisy":
         add_backward_evals(forward_rows(rows))  # one VJP through exactly the network rows of the forward call
-    grad = grad.detach().to(x.dtype)
-    return denoised.detach() + scale * (s**2 / a) * grad, grad
+    return GuidedParts(denoised.detach(), grad.detach().to(x.dtype), lg.detach())
 
 
 @dataclass(frozen=True)

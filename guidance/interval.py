@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -49,6 +49,21 @@ def within(term: Guidance, sigma_lo: float = 0.0, sigma_hi: float = math.inf, ba
     if sigma_lo == 0.0 and sigma_hi == math.inf:
         return term
     return Interval(term, sigma_lo, sigma_hi, base)
+
+
+def windowed_term(term: Guidance) -> Guidance:
+    """The term an :class:`Interval` restricts (through nested windows); ``term`` itself otherwise."""
+    while isinstance(term, Interval):
+        term = term.term
+    return term
+
+
+def with_windowed_term(term: Guidance, new: Guidance) -> Guidance:
+    """``term`` with the term it restricts replaced by ``new``, its window(s) kept; ``new`` when
+    ``term`` is no :class:`Interval` (the inverse of :func:`windowed_term`)."""
+    if isinstance(term, Interval):
+        return replace(term, term=with_windowed_term(term.term, new))
+    return new
 
 
 class _IntervalDenoiser:

@@ -13,6 +13,7 @@ from ._common import GuidedDenoiser
 from .base import Cond, Denoiser
 from .classifier import BASES, ESTIMATORS, base_cond, check_choice, guided_denoised
 from .marginal import log_weights
+from .tds import TDS, TwistedDenoiser
 
 VARIANTS = ("score", "conditional")
 
@@ -33,8 +34,11 @@ class JeffreyGuidance:
     Args:
         target: ``(K,)`` target marginal ``p*(y)`` (see :func:`.marginal.parse_target`).
         model_marginal: ``(K,)`` marginal ``p_theta(y)`` of the *guided branch* under the same
-            sampler (estimate with :func:`.marginal.estimate_marginal`); ``None`` until set with
-            :meth:`with_model_marginal` (calling the wrapped denoiser before raises). For the
+            sampler; ``None`` until set with :meth:`with_model_marginal` (calling the wrapped
+            denoiser before raises). :func:`diffsample.generate` (and ``diffsample generate``) fills
+            a missing one: estimated from unguided samples of the run's sampler and cached
+            (:func:`diffsample.samplers.marginal.model_marginal_for`); by hand, estimate it with
+            :func:`.marginal.estimate_marginal`. For the
             ``"conditional"`` variant this is the class prior ``p(y)`` implicit in the classifier
             (``p_t(x | y) ∝ p_t(y | x) / p(y)``; :func:`.marginal.classifier_prior`), since the
             class-conditional model already carries ``p(x | y)``.
@@ -50,6 +54,12 @@ class JeffreyGuidance:
         label_key: the model keyword carrying class labels (``"conditional"`` variant).
         prune: drop classes with ``q_t(y | x_t) <= prune`` in the conditional variant (then renormalise).
         log_w_clip: optional clip of finite ``log w`` to ``[-c, c]`` (methods-guidance.md 3.4).
+        tds: :class:`~.tds.TDS` settings to run twisted SMC (arXiv 2306.17775; methods-guidance.md
+            3.3 option 3): ``particles`` chains per output, proposal = this term's guided denoiser,
+            twist ``G_t`` from the estimator, final weight the potential ``G(x_0)``; asymptotically
+            exact in the number of particles even with a biased estimator (the Tweedie plug-in or a
+            weak noise-aware classifier). Needs a stochastic solver and ``variant="score"``;
+            ``scale`` then shapes only the proposal. ``None``: one plain guided chain.
 
     Raises:
         ValueError: shapes of target / model marginal differ; a model marginal estimated as 0
@@ -69,6 +79,7 @@ class JeffreyGuidance:
     label_key: str = "class_labels"
     prune: float = 0.0
     log_w_clip: float | None = None
+    tds: TDS | None = None
 
     def __post_init__(self) -> None:
         check_choice(self.estimator, ESTIMATORS, "Jeffrey estimator")
@@ -82,6 +93,8 @@ class JeffreyGuidance:
             raise ValueError("Jeffrey guidance with estimator='tweedie' needs a clean classifier x0 -> logits")
         if not self.scale >= 0:
             raise ValueError(f"Jeffrey scale must be >= 0, got {self.scale}")
+        if self.tds is not None and self.variant != "score":
+            raise ValueError(f"Jeffrey twisted SMC (particles > 1) needs variant='score', got variant={self.variant!r}")
         object.__setattr__(self, "target", torch.as_tensor(self.target, dtype=torch.float64))
         if self.model_marginal is not None:
             object.__setattr__(self, "model_marginal", torch.as_tensor(self.model_marginal, dtype=torch.float64))
@@ -95,8 +108,9 @@ class JeffreyGuidance:
         """
         if self.model_marginal is None:
             raise ValueError("Jeffrey guidance needs the model marginal p_theta(y) of the unguided sampler: "
-                             "estimate it (diffsample.guidance.marginal.estimate_marginal) and pass "
-                             "model_marginal=... or call with_model_marginal(...)")
+                             "estimate it (diffsample.samplers.marginal.model_marginal_for, which "
+                             "diffsample.generate calls for you, or diffsample.guidance.marginal.estimate_marginal) "
+                             "and pass model_marginal=... or call with_model_marginal(...)")
         return log_weights(self.target, self.model_marginal, self.log_w_clip)
 
     def with_model_marginal(self, model_marginal: Tensor) -> "JeffreyGuidance":
@@ -133,6 +147,8 @@ class JeffreyGuidance:
         return torch.softmax(torch.log_softmax(logits, dim=1) + lw, dim=1)
 
     def __call__(self, denoiser: Denoiser) -> Denoiser:
+        if self.tds is not None:
+            return TwistedDenoiser(denoiser, self)
         return _JeffreyDenoiser(denoiser, self)
 
 

@@ -13,14 +13,17 @@ import torch
 from torch import Tensor
 
 from diffsample.guidance import CFG, GUIDANCE
+from diffsample.guidance.base import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
+from .marginal import fill_model_marginals, resolve_cache_path
 from .models import LoadedModel, PipelineModel, load_model
 from .sampler import Sampler, check_hooks, hooks
 from .seeds import SeededNoiseFn, seeded_noise
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
+DEFAULT_MARGINAL_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,11 @@ class GenerateResult:
         images: ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
         samples: ``(N, C, H, W)`` raw final samples (model space, CPU).
         record: JSON-serialisable run record: parameters, seeds, classes, ``nfe``, ``model_evals``,
-            wall time and package versions.
+            wall time and package versions; with Jeffrey guidance also ``model_marginal`` (one dict,
+            or a list for several Jeffrey terms: ``probs``, ``n``, ``source`` = ``"estimated"`` /
+            ``"cache"`` / ``"given"``, ``cache_key``, ``cache_path``, ``model_evals`` spent on the
+            estimate, which the run's ``model_evals`` does not include; see
+            :class:`~diffsample.samplers.marginal.ModelMarginal`).
     """
 
     images: Tensor
@@ -58,24 +65,47 @@ def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", p
     return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress)
 
 
-def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None,
-                 sampler: Sampler | None = None):
-    """Wrap ``model.denoiser`` with the guidance terms named in ``guidance`` (applied in order), then
-    CFG at ``cfg_scale`` if given. Terms whose factory takes ``sampler`` (CFG++, which needs the
-    grid) receive ``sampler``.
+def guidance_terms(model: LoadedModel, guidance: Sequence[str] = (), sampler: Sampler | None = None) -> list[Guidance]:
+    """The guidance terms named in ``guidance``, built for ``model``'s resources. Terms whose
+    factory takes ``sampler`` (CFG++, which needs the grid) receive ``sampler``.
 
     Raises:
         ValueError: unknown guidance name, bad options, or a term the model cannot support.
     """
-    denoiser = model.denoiser
+    terms = []
     for spec in guidance:
         extra = {"sampler": sampler} if sampler is not None and GUIDANCE.accepts(spec, "sampler") else {}
-        denoiser = GUIDANCE.create(spec, resources=model.resources, **extra)(denoiser)
+        terms.append(GUIDANCE.create(spec, resources=model.resources, **extra))
+    return terms
+
+
+def apply_guidance(model: LoadedModel, terms: Sequence[Guidance], cfg_scale: float | None = None) -> Denoiser:
+    """Wrap ``model.denoiser`` with ``terms`` (applied in order), then CFG at ``cfg_scale`` if given.
+
+    Raises:
+        ValueError: ``cfg_scale`` for an unconditional model.
+    """
+    denoiser = model.denoiser
+    for term in terms:
+        denoiser = term(denoiser)
     if cfg_scale is not None:
         if not model.resources.conditional:
             raise ValueError(f"--cfg-scale needs a conditional model; {model.name!r} is unconditional")
         denoiser = CFG(cfg_scale)(denoiser)
     return denoiser
+
+
+def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None,
+                 sampler: Sampler | None = None) -> Denoiser:
+    """Wrap ``model.denoiser`` with the guidance terms named in ``guidance`` (applied in order), then
+    CFG at ``cfg_scale`` if given. Terms whose factory takes ``sampler`` (CFG++, which needs the
+    grid) receive ``sampler``. Jeffrey terms are left as given (:func:`generate` fills in a missing
+    model marginal).
+
+    Raises:
+        ValueError: unknown guidance name, bad options, or a term the model cannot support.
+    """
+    return apply_guidance(model, guidance_terms(model, guidance, sampler), cfg_scale)
 
 
 def default_classes(model: LoadedModel, n: int, class_label: int | None) -> Tensor | None:
@@ -97,11 +127,24 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
              class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
              num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
              final: str = "zero", progress: bool = False, prompt: str | None = None,
-             negative_prompt: str | None = None) -> GenerateResult:
+             negative_prompt: str | None = None, marginal_samples: int = DEFAULT_MARGINAL_SAMPLES,
+             marginal_cache: str | None = None) -> GenerateResult:
     """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
 
     The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
     batched floating-point arithmetic). All arguments are validated before any sampling.
+
+    Jeffrey guidance (``jeffrey:target=...``) divides by the model marginal ``p_theta(y)`` of the
+    unguided sampler. Without ``model_marginal=`` in the spec it is estimated before sampling
+    (:func:`~diffsample.samplers.marginal.model_marginal_for`): ``marginal_samples`` unguided samples
+    with this run's solver, schedule, ``steps`` and ``final`` on the branch the term reweights (the
+    null class of a conditional model), soft-labelled by the term's classifier (for
+    ``variant=conditional``: the classifier's prior on pure noise, no sampling). The estimate uses
+    per-sample seeds ``10**9, 10**9 + 1, ...`` whatever ``seed``, and is cached in
+    ``marginal_cache``, keyed by model (name and weight fingerprint), dtype, sampler, terms below
+    the Jeffrey term, Jeffrey variant / base / estimator, ``marginal_samples`` and seed; a cache hit
+    samples nothing. Its model evaluations are recorded in ``record["model_marginal"]``, not in
+    the run's ``model_evals``. A ``model_marginal=`` given in the spec is used as is.
 
     Args:
         model: ``None`` / ``"mnist"`` (bundled), a diffusers model folder, or a :class:`LoadedModel`.
@@ -117,17 +160,24 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         final: ``"zero"`` (denoise to sigma = 0) or ``"last"``.
         prompt, negative_prompt: text for a text-to-image pipeline folder (SD, SDXL, SD3, FLUX,
             PixArt), sampled with the native loop (:mod:`diffsample.samplers.pipelines`).
+        marginal_samples: unguided samples for an estimated Jeffrey model marginal (>= 1).
+        marginal_cache: JSON cache file of estimated model marginals; ``None``: the default
+            (``$DIFFSAMPLE_CACHE_DIR/marginals.json``, else ``~/.cache/diffsample/marginals.json``;
+            :func:`~diffsample.samplers.marginal.default_cache_path`); ``""`` or ``"none"``: no cache.
 
     Raises:
-        ValueError: any bad argument (unknown names list the valid choices).
+        ValueError: any bad argument (unknown names list the valid choices); an estimated model
+            marginal that is zero on a class the Jeffrey target gives mass to.
     """
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
+                        ("marginal_samples", marginal_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    resolve_cache_path(marginal_cache)  # an unusable explicit cache path is bad input, found before sampling
     sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
     loaded = model if isinstance(model, (LoadedModel, PipelineModel)) else load_model(model, device=device,
                                                                                         dtype=DTYPES[dtype])
@@ -139,7 +189,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
                                       num_samples=num_samples, batch_size=batch_size, final=final, dtype=dtype)
     if prompt is not None:
         raise ValueError(f"--prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
-    guided = build_guided(loaded, guidance, cfg_scale, sampler)
+    terms = guidance_terms(loaded, guidance, sampler)
+    guided = apply_guidance(loaded, terms, cfg_scale)
     check_hooks(hooks(guided), sampler.solver)  # e.g. NoiseTilt on a deterministic solver, before any sampling
     if classes is not None:
         labels = torch.as_tensor(list(classes), dtype=torch.long)
@@ -148,6 +199,11 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     else:
         labels = default_classes(loaded, num_samples, class_label)
     loaded.cond(labels)  # validates every label's range before any sampling
+    terms, marginals = fill_model_marginals(terms, list(guidance), loaded, sampler, n=marginal_samples,
+                                            batch_size=batch_size, cache=marginal_cache,
+                                            progress=progress)
+    if any(m.source != "given" for m in marginals):
+        guided = apply_guidance(loaded, terms, cfg_scale)
     seeds = list(range(seed, seed + num_samples))
     outputs, nfe, model_evals, events = [], 0, 0.0, {}
     start = time.perf_counter()
@@ -175,4 +231,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if marginals:
+        entries = [m.to_record() for m in marginals]
+        record["model_marginal"] = entries[0] if len(entries) == 1 else entries
     return GenerateResult(images=loaded.to_images(samples), samples=samples, record=record)

@@ -122,15 +122,19 @@ class Sampler:
         ``recurrence(grid, i)`` redoes step ``i`` that many times after re-noising (FreeDoM time
         travel); ``chains`` / ``score`` run that many independent chains and keep the best
         (best-of-N; chain ``k >= 1`` starts from ``chain_noise(k) = (noise, noise_fn)``, default
-        fresh ``torch.randn`` draws). ``nfe`` and ``model_evals`` are totals over all of it.
+        fresh ``torch.randn`` draws); a ``twist`` (Jeffrey guidance with ``particles > 1``) runs
+        twisted SMC over that many particles per sample (:func:`~diffsample.samplers.smc.twisted_smc`;
+        particle ``k >= 1`` likewise from ``chain_noise(k)``). ``nfe`` and ``model_evals`` are totals
+        over all of it.
 
         The loop runs under ``torch.no_grad()``; a term that needs gradients (reward guidance,
         Stein probes) opens ``torch.enable_grad()`` itself.
 
         Raises:
             NonFiniteError: the denoiser returned NaN/inf (unless ``allow_nonfinite``).
-            ValueError: a noise-changing term (NoiseTilt, SVDD) with a deterministic solver, or
-                more than one transition / best-of-N term in the chain.
+            ValueError: a noise-changing term (NoiseTilt, SVDD, twisted SMC) with a deterministic
+                solver, more than one transition / best-of-N / twisted term in the chain, or twisted
+                SMC combined with another loop hook.
         """
         found = hooks(denoiser)
         check_hooks(found, self.solver)
@@ -140,6 +144,11 @@ class Sampler:
         nfe, best_x, best_r = 0, None, None
         start = time.perf_counter()
         with count_model_evals() as rows, count_events() as events:
+            if found["twist"]:
+                x, calls = self._run_smc(denoiser, grid, noise.to(work_dtype), cond, noise_fn, chain_noise, callback,
+                                         found["twist"][0])
+                return SampleResult(x=x, nfe=calls, model_evals=rows[0] / noise.shape[0], grid=grid,
+                                    wall_time_s=time.perf_counter() - start, events=dict(events))
             for k in range(best.chains if best is not None else 1):
                 if k == 0:
                     noise_k, noise_fn_k = noise, noise_fn
@@ -164,26 +173,53 @@ class Sampler:
         return SampleResult(x=best_x, nfe=nfe, model_evals=rows[0] / noise.shape[0], grid=grid,
                             wall_time_s=time.perf_counter() - start, events=dict(events))
 
+    def _checked(self, denoiser: Denoiser, step: list[int]) -> tuple[Callable[..., Tensor], list[int]]:
+        """``(denoise(x, t, cond), calls)``: ``denoiser`` with call counting and the non-finite check
+        (``step[0]`` names the step in the error)."""
+        calls = [0]
+
+        def denoise(x_in: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
+            calls[0] += 1
+            out = denoiser(x_in, t, cond)
+            if not self.allow_nonfinite and not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(
+                    f"model output is not finite at step {step[0]} (t={float(t[0]):.6g}, "
+                    f"sigma={float(denoiser.noise_schedule.sigma(t[:1].double())):.6g}); "
+                    "pass allow_nonfinite=True to continue"
+                )
+            return out
+
+        return denoise, calls
+
+    def _run_smc(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
+                 chain_noise, callback: Callable[[StepInfo], None] | None, twisted) -> tuple[Tensor, int]:
+        """Twisted SMC (:func:`~diffsample.samplers.smc.twisted_smc`): ``(B outputs, denoiser calls)``."""
+        from .smc import twisted_smc
+
+        step = [0]
+        denoise, calls = self._checked(denoiser, step)
+
+        def on_step(i: int, x: Tensor) -> None:
+            step[0] = i + 1
+            if callback is not None:
+                callback(StepInfo(i, x, grid))
+
+        with torch.no_grad():
+            x = twisted_smc(self.solver, grid, denoise, twisted, noise, cond, noise_fn, chain_noise,
+                            prior_scale(grid), on_step)
+        return x, calls[0]
+
     def _run(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
              callback: Callable[[StepInfo], None] | None, found: dict[str, list]) -> tuple[Tensor, int]:
         """One chain: ``(final x, denoiser calls)``."""
         x = noise * prior_scale(grid)
         if noise_fn is None:
             noise_fn = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
-        nfe = 0
-        current = 0
+        current = [0]
+        checked, calls = self._checked(denoiser, current)
 
         def denoise(x_in: Tensor, t: Tensor) -> Tensor:
-            nonlocal nfe
-            nfe += 1
-            out = denoiser(x_in, t, cond)
-            if not self.allow_nonfinite and not bool(torch.isfinite(out).all()):
-                raise NonFiniteError(
-                    f"model output is not finite at step {current} (t={float(t[0]):.6g}, "
-                    f"sigma={float(denoiser.noise_schedule.sigma(t[:1].double())):.6g}); "
-                    "pass allow_nonfinite=True to continue"
-                )
-            return out
+            return checked(x_in, t, cond)
 
         transition = found["transition"][0].transition if found["transition"] else None
         recurrences = [term.recurrence for term in found["recurrence"]]
@@ -192,7 +228,7 @@ class Sampler:
         with torch.no_grad(), use_transition(transition):
             state = self.solver.init(x, grid)
             for i in tqdm(range(grid.steps), disable=not self.progress, leave=False, desc="sampling"):
-                current = i
+                current[0] = i
                 x_next, new_state = self.solver.step(denoise, x, grid, i, state, noise_fn)
                 for _ in range(sum(r(grid, i) for r in recurrences)):
                     # Time travel: back to grid point i with fresh noise, then redo the step.
@@ -201,7 +237,7 @@ class Sampler:
                 x, state = x_next, new_state
                 if callback is not None:
                     callback(StepInfo(i, x, grid))
-        return x, nfe
+        return x, calls[0]
 
 
 def renoise(x_next: Tensor, grid: Grid, i: int, noise_fn: NoiseFn) -> Tensor:
@@ -212,7 +248,7 @@ def renoise(x_next: Tensor, grid: Grid, i: int, noise_fn: NoiseFn) -> Tensor:
     return ratio * x_next + std * noise_fn(grid.sigma_list[i + 1], grid.sigma_list[i])
 
 
-HOOKS = ("transition", "recurrence", "chains")
+HOOKS = ("transition", "recurrence", "chains", "twist")
 
 
 def hooks(denoiser: Denoiser) -> dict[str, list]:
@@ -241,10 +277,19 @@ def stochastic_solvers() -> list[str]:
 
 def check_hooks(found: dict[str, list], solver: Solver) -> None:
     """Raise a ``ValueError`` for hook combinations a run cannot honour (see :meth:`Sampler.__call__`)."""
-    for name in ("transition", "chains"):
+    for name in ("transition", "chains", "twist"):
         if len(found[name]) > 1:
             terms = ", ".join(getattr(d.term, "name", type(d.term).__name__) for d in found[name])
             raise ValueError(f"at most one guidance term may use the {name} hook per run, got: {terms}")
+    if found["twist"]:
+        others = [name for name in ("transition", "chains", "recurrence") if found[name]]
+        if others:
+            raise ValueError(f"twisted SMC (particles > 1) cannot be combined with a guidance term using the "
+                             f"{others[0]} hook")
+        if not solver.stochastic:
+            raise ValueError(f"twisted SMC (particles > 1) reweights the noise of stochastic steps and solver "
+                             f"{type(solver).__name__} is deterministic; use a stochastic solver: "
+                             f"{', '.join(stochastic_solvers())}, ddim:eta=1")
     if found["transition"] and not solver.stochastic:
         term = found["transition"][0].term
         raise ValueError(

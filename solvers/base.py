@@ -208,3 +208,16 @@ def require_noise(noise_fn: NoiseFn | None, solver: object) -> NoiseFn:
     if noise_fn is None:
         raise ValueError(f"{type(solver).__name__} is stochastic and needs a noise_fn")
     return noise_fn
+
+
+def tree_map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    """Apply ``fn`` to every tensor in a (nested) NamedTuple / tuple / list / dict solver state."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(tree_map(fn, v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    return tree

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from .base import Denoise, Grid, NoiseFn, Solver
-from .stein import _repeat_batch, tree_map
+from .base import tree_map
+from .stein import _repeat_batch
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .accounting import add_event, add_model_evals, forward_rows, measure_model_evals
-from .base import Denoise, Grid, NoiseFn, Solver, SolverState
+from .base import Denoise, Grid, NoiseFn, Solver, SolverState, tree_map
 
 ApplySteps = Literal["all", "all_but_last"] | int | Callable[[int, Grid], bool]
 
@@ -66,19 +66,6 @@ def _record(record: SteinRecord) -> None:
     records = _TRACE.get()
     if records is not None:
         records.append(record)
-
-
-def tree_map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
-    """Apply ``fn`` to every tensor in a (nested) NamedTuple / tuple / list / dict solver state."""
-    if isinstance(tree, Tensor):
-        return fn(tree)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(tree_map(fn, v) for v in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(tree_map(fn, v) for v in tree)
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
-    return tree
 
 
 def _rows(v: Tensor) -> Tensor:
