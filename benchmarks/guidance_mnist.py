@@ -43,7 +43,8 @@ import torch
 
 from diffsample.guidance import ClassifierGuidance, Cond, JeffreyGuidance, estimate_marginal, load_marginal, save_marginal
 from diffsample.guidance.marginal import classifier_prior, parse_target, total_variation
-from diffsample.samplers import Sampler, seeded_noise
+from diffsample.guidance import TDS
+from diffsample.samplers import Sampler, SeededNoiseFn, seeded_noise
 from diffsample.samplers.models import load_model
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.testbed import mnist
@@ -58,8 +59,8 @@ TARGETS = {
     "skewed10": "0:0.25,1:0.18,2:0.13,3:0.10,4:0.08,5:0.07,6:0.06,7:0.05,8:0.045,9:0.035",
     "uniform_from_skewed": ",".join(f"{k}:0.1" for k in range(10)),
 }
-METHODS = ("jeffrey", "jeffrey_cond", "jeffrey_cond_recal", "cg", "cond")
-SEED_BASE = {"jeffrey": 0, "jeffrey_cond": 0, "jeffrey_cond_recal": 500_000, "cg": 100_000, "cond": 200_000, "marginal": 300_000, "marginal_skew": 400_000}
+METHODS = ("jeffrey", "jeffrey_sde", "jeffrey_tds", "jeffrey_cond", "jeffrey_cond_recal", "cg", "cond")
+SEED_BASE = {"jeffrey": 0, "jeffrey_sde": 0, "jeffrey_tds": 0, "marginal_sde": 600_000, "jeffrey_cond": 0, "jeffrey_cond_recal": 500_000, "cg": 100_000, "cond": 200_000, "marginal": 300_000, "marginal_skew": 400_000}
 
 
 def log(msg: str) -> None:
@@ -80,13 +81,15 @@ class Bench:
         self.args = args
         self.model = load_model()
         self.sampler = Sampler(SOLVERS.create(args.solver), STEP_SCHEDULES.create(args.schedule), args.steps)
+        self.sde_sampler = Sampler(SOLVERS.create(args.sde_solver), STEP_SCHEDULES.create(args.schedule), args.steps)
         self.noisy = self.model.resources.classifier
         self.judge = mnist.load_classifier()
         self.ref_x, self.ref_y = mnist.load_digits("heldout")
         self.shape = self.model.sample_shape
 
     # ---- sampling ---------------------------------------------------------------------------------
-    def sample(self, denoiser, labels: torch.Tensor | None, seed0: int, n: int = 0) -> tuple[torch.Tensor, dict]:
+    def sample(self, denoiser, labels: torch.Tensor | None, seed0: int, n: int = 0,
+               sampler: Sampler | None = None) -> tuple[torch.Tensor, dict]:
         """``labels=None``: ``n`` samples with the null label in both branches (unconditional model;
         terms with base 'unconditional' use the negative branch anyway)."""
         if labels is None:
@@ -97,7 +100,13 @@ class Bench:
             lab = labels[start:start + bs]
             noise = seeded_noise(range(seed0 + start, seed0 + start + len(lab)), self.shape)
             cond = Cond({"class_labels": lab}, {"class_labels": torch.full_like(lab, mnist.NULL_CLASS)})
-            res = self.sampler(denoiser, noise, cond)
+            noise_fn = SeededNoiseFn(range(seed0 + start, seed0 + start + len(lab)), self.shape)
+
+            def chain_noise(k, lo=seed0 + start, m=len(lab)):
+                return (seeded_noise(range(lo, lo + m), self.shape, chain=k),
+                        SeededNoiseFn(range(lo, lo + m), self.shape, chain=k))
+
+            res = (sampler or self.sampler)(denoiser, noise, cond, noise_fn=noise_fn, chain_noise=chain_noise)
             xs.append(res.x.clamp(-1, 1))
             evals += res.model_evals * len(lab)
             wall += res.wall_time_s
@@ -106,13 +115,14 @@ class Bench:
     def classify_t0(self, x: torch.Tensor) -> torch.Tensor:
         return self.noisy(x, torch.zeros(x.shape[0]))
 
-    def model_marginal(self, key: str, denoiser, n: int, seed0: int, extra: torch.Tensor | None = None):
+    def model_marginal(self, key: str, denoiser, n: int, seed0: int, sampler: Sampler | None = None):
         cache = CACHE / "marginals.json"
-        tag = f"{key}|{self.args.solver}|{self.args.schedule}|{self.args.steps}|n={n}"
+        solver = self.args.solver if sampler is None else self.args.sde_solver
+        tag = f"{key}|{solver}|{self.args.schedule}|{self.args.steps}|n={n}"
         est = load_marginal(cache, tag) if cache.is_file() else None
         if est is None:
             log(f"estimating model marginal {key} from {n} samples")
-            x, _ = self.sample(denoiser, None, seed0, n)
+            x, _ = self.sample(denoiser, None, seed0, n, sampler=sampler)
             est = estimate_marginal(x, self.classify_t0, kind="soft")
             CACHE.mkdir(parents=True, exist_ok=True)
             save_marginal(cache, tag, est)
@@ -130,17 +140,19 @@ class Bench:
                 "judge_labels": y.tolist()}
 
 
-def jeffrey_base(bench: Bench, target: str):
-    """(denoiser used as 'the model', its marginal estimate, cache tag) for ``target``."""
+def jeffrey_base(bench: Bench, target: str, sampler: Sampler | None = None):
+    """(denoiser used as 'the model', its marginal estimate, cache tag) for ``target`` (marginals
+    under ``sampler``, default the deterministic benchmark sampler)."""
     uncond = bench.model.denoiser
-    est, tag = bench.model_marginal("unconditional", uncond, bench.args.n_marginal, SEED_BASE["marginal"])
+    seed = SEED_BASE["marginal"] if sampler is None else SEED_BASE["marginal_sde"]
+    est, tag = bench.model_marginal("unconditional", uncond, bench.args.n_marginal, seed, sampler)
     if target != "uniform_from_skewed":
         return uncond, est, tag
     # a model whose own marginal is skewed: the unconditional model tilted towards skewed10 (score
     # variant at scale 2, a tempered and deliberately inexact tilt; its marginal is then measured)
     skew = JeffreyGuidance(parse_target(TARGETS["skewed10"], 10), est.probs, classifier=bench.noisy, scale=2.0)(uncond)
     est2, tag2 = bench.model_marginal("jeffrey-skewed10-base", skew, bench.args.n_marginal_skew,
-                                      SEED_BASE["marginal_skew"])
+                                      SEED_BASE["marginal_skew"], sampler)
     return skew, est2, tag2
 
 
@@ -153,7 +165,14 @@ def run_part(bench: Bench, target: str, method: str) -> dict:
     counts = label_counts(p_star, args.n)
     labels = torch.repeat_interleave(torch.arange(10), counts)
     t0 = time.perf_counter()
-    if method == "jeffrey":
+    if method in ("jeffrey_sde", "jeffrey_tds"):
+        base, est, tag = jeffrey_base(bench, target, bench.sde_sampler)
+        tds = TDS(particles=args.particles) if method == "jeffrey_tds" else None
+        den = JeffreyGuidance(p_star, est.probs, classifier=bench.noisy, tds=tds)(base)
+        x, info = bench.sample(den, None, SEED_BASE[method], args.n, sampler=bench.sde_sampler)
+        info["model_marginal"] = {"probs": [round(v, 4) for v in est.probs.tolist()], "n": est.n, "cache_key": tag}
+        info["sampler"] = f"{args.sde_solver}/{args.schedule}/{args.steps}" + (f", {tds}" if tds else "")
+    elif method == "jeffrey":
         den = JeffreyGuidance(p_star, est.probs, classifier=bench.noisy)(base)
         x, info = bench.sample(den, None, SEED_BASE["jeffrey"], args.n)
         info["model_marginal"] = {"probs": [round(v, 4) for v in est.probs.tolist()], "n": est.n, "cache_key": tag}
@@ -178,7 +197,7 @@ def run_part(bench: Bench, target: str, method: str) -> dict:
     else:
         x, info = bench.sample(bench.model.denoiser, labels, SEED_BASE["cond"])
     out = {"target": target, "method": method, "n": args.n, **info, **bench.metrics(x, p_star),
-           "requested_labels": labels.tolist() if method != "jeffrey" else None,
+           "requested_labels": labels.tolist() if not method.startswith("jeffrey") else None,
            "elapsed_s": round(time.perf_counter() - t0, 1)}
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.save(x, CACHE / f"{target}.{method}.pt")
@@ -263,6 +282,8 @@ def report(bench: Bench | None, args: argparse.Namespace) -> None:
 
 def markdown(meta: dict, summary: dict) -> str:
     names = {"jeffrey": "Jeffrey, score variant (noise-aware clf gradient)",
+             "jeffrey_sde": "Jeffrey, score variant, SDE sampler (1 chain)",
+             "jeffrey_tds": "Jeffrey, score variant, SDE sampler + TDS (K particles)",
              "jeffrey_cond": "Jeffrey, conditional variant (sum_y q_t(y|x) D(x,t,y))",
              "jeffrey_cond_recal": "Jeffrey, conditional variant + 1 recalibration round", "cg": "classifier guidance, labels ~ p*", "cond": "class-conditional (CFG w=1), labels ~ p*"}
     out = ["# Jeffrey marginal guidance on the bundled MNIST model (issue 6)", "",
@@ -304,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schedule", default="karras")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--sde-solver", default="dpmpp_2m_sde", help="stochastic sampler of jeffrey_sde / jeffrey_tds")
+    ap.add_argument("--particles", type=int, default=8, help="TDS particles per output (jeffrey_tds)")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--min-fd-count", type=int, default=100)
