@@ -33,7 +33,9 @@ class TDS:
         ess: resample a group when its effective sample size ``(sum w)^2 / sum w^2`` falls below
             ``ess * K``; ``1.0`` resamples every step, ``0`` never (importance sampling).
         resample: ``"systematic"`` (default, lower variance) or ``"multinomial"``.
-        seed: seed of the generator that draws resampling indices and the output particle.
+        seed: seed of the generator that draws resampling indices and the output particle (one
+            stream per sampler call, shared by the batch: unlike the noise, which is per sample,
+            a sample's resampling draws depend on ``batch_size`` and its place in the batch).
         max_shift: cap on how far the proposal mean may move from the base kernel's mean, in kernel
             standard deviations (per sample, Euclidean norm); ``inf`` = the raw guided proposal.
             Any proposal keeps SMC exact, but a shift of ``c`` stds makes the log-weights vary

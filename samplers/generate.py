@@ -132,7 +132,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
 
     The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
-    batched floating-point arithmetic). All arguments are validated before any sampling.
+    batched floating-point arithmetic), except under twisted SMC (``jeffrey:particles=K``), whose
+    resampling draws are shared by a batch. All arguments are validated before any sampling.
 
     Jeffrey guidance (``jeffrey:target=...``) divides by the model marginal ``p_theta(y)`` of the
     unguided sampler. Without ``model_marginal=`` in the spec it is estimated before sampling
