@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -44,7 +43,7 @@ import torch
 from diffsample.guidance import ClassifierGuidance, Cond, JeffreyGuidance, estimate_marginal, load_marginal, save_marginal
 from diffsample.guidance.marginal import classifier_prior, parse_target, total_variation
 from diffsample.guidance import TDS
-from diffsample.samplers import Sampler, SeededNoiseFn, seeded_noise
+from diffsample.samplers import Sampler, seeded_run
 from diffsample.samplers.models import load_model
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.testbed import mnist
@@ -98,15 +97,9 @@ class Bench:
         bs = self.args.batch
         for start in range(0, len(labels), bs):
             lab = labels[start:start + bs]
-            noise = seeded_noise(range(seed0 + start, seed0 + start + len(lab)), self.shape)
             cond = Cond({"class_labels": lab}, {"class_labels": torch.full_like(lab, mnist.NULL_CLASS)})
-            noise_fn = SeededNoiseFn(range(seed0 + start, seed0 + start + len(lab)), self.shape)
-
-            def chain_noise(k, lo=seed0 + start, m=len(lab)):
-                return (seeded_noise(range(lo, lo + m), self.shape, chain=k),
-                        SeededNoiseFn(range(lo, lo + m), self.shape, chain=k))
-
-            res = (sampler or self.sampler)(denoiser, noise, cond, noise_fn=noise_fn, chain_noise=chain_noise)
+            seeds = range(seed0 + start, seed0 + start + len(lab))
+            res = (sampler or self.sampler)(denoiser, cond=cond, **seeded_run(seeds, self.shape))
             xs.append(res.x.clamp(-1, 1))
             evals += res.model_evals * len(lab)
             wall += res.wall_time_s
@@ -231,7 +224,7 @@ def report(bench: Bench | None, args: argparse.Namespace) -> None:
         parts[(d["target"], d["method"])] = d
     if bench is None:
         bench = Bench(args)
-    rows, summary = [], {}
+    summary = {}
     for target in TARGETS:
         if (target, "cond") not in parts:
             continue

@@ -36,9 +36,8 @@ import torch
 
 from diffsample.guidance import DPS, SVDD, BestOfN, Cond, FreeDoM, NoiseTilt
 from diffsample.guidance.rewards import ClassLogProb
-from diffsample.samplers import Sampler, seeded_noise
+from diffsample.samplers import Sampler, seeded_run
 from diffsample.samplers.models import load_model
-from diffsample.samplers.seeds import SeededNoiseFn
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.testbed import mnist
 from diffsample.testbed.mnist.fd import mnist_fd
@@ -102,14 +101,8 @@ class Bench:
         null = mnist.NULL_CLASS
         for start in range(0, n, bs):
             seeds = list(range(seed0 + start, seed0 + min(n, start + bs)))
-            noise = seeded_noise(seeds, self.shape)
-            nfn = SeededNoiseFn(seeds, self.shape)
             cond = Cond({"class_labels": torch.full((len(seeds),), null, dtype=torch.long)})
-
-            def chain_noise(k: int, seeds=seeds):
-                return seeded_noise(seeds, self.shape, chain=k), SeededNoiseFn(seeds, self.shape, chain=k)
-
-            res = self.sampler(guided, noise, cond, noise_fn=nfn, chain_noise=chain_noise)
+            res = self.sampler(guided, cond=cond, **seeded_run(seeds, self.shape))
             xs.append(res.x.clamp(-1, 1))
             back = res.events.get("backward_rows", 0) / len(seeds)
             evals += res.model_evals * len(seeds)

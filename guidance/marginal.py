@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,12 +149,36 @@ def estimate_marginal(samples: Tensor, classify: Callable[[Tensor], Tensor], kin
     return MarginalEstimate(total / n, n, kind)
 
 
-def save_marginal(path: str | os.PathLike, key: str, estimate: MarginalEstimate) -> None:
-    """Store ``estimate`` under ``key`` (e.g. model + sampler spec) in the JSON cache ``path``."""
+def save_marginal(path: str | os.PathLike, key: str, estimate: MarginalEstimate,
+                  extra: Mapping[str, Any] | None = None) -> None:
+    """Store ``estimate`` (plus the JSON-serialisable ``extra`` fields) under ``key`` (e.g. model +
+    sampler spec) in the JSON cache ``path``. The file is re-read first, so entries other processes
+    wrote meanwhile are kept (a corrupt or non-mapping file is replaced), and written atomically
+    (temporary file + ``os.replace``); missing folders are created.
+
+    Raises:
+        OSError: the file or its folder cannot be written.
+    """
     path = Path(path)
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[key] = estimate.to_json()
-    path.write_text(json.dumps(data, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or "probs" in data:
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {**estimate.to_json(), **(extra or {})}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_marginal(path: str | os.PathLike, key: str | None = None) -> MarginalEstimate | None:
@@ -212,5 +237,5 @@ def classifier_prior(classifier: Callable[[Tensor, Tensor], Tensor], noise: Tens
     class-conditional likelihoods, ``p_t(x | y) ∝ p_t(y | x) / p(y)`` (the conditional variant of
     Jeffrey guidance needs it)."""
     with torch.no_grad():
-        logits = classifier(noise, torch.full((noise.shape[0],), float(t_max), dtype=noise.dtype))
+        logits = classifier(noise, torch.full((noise.shape[0],), float(t_max), dtype=noise.dtype, device=noise.device))
     return MarginalEstimate(torch.softmax(logits.to(torch.float64), 1).mean(0), noise.shape[0], "prior")

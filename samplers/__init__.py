@@ -2,9 +2,9 @@
 
 from .denoisers import ModelDenoiser, from_eps, from_v, from_velocity, from_x0
 from .sampler import NonFiniteError, SampleResult, Sampler, StepInfo, prior_scale
-from .seeds import SeededNoiseFn, seeded_noise
+from .seeds import SeededNoiseFn, seeded_chain, seeded_noise, seeded_run
 
 __all__ = [
     "ModelDenoiser", "NonFiniteError", "SampleResult", "Sampler", "SeededNoiseFn", "StepInfo",
-    "from_eps", "from_v", "from_velocity", "from_x0", "prior_scale", "seeded_noise",
+    "from_eps", "from_v", "from_velocity", "from_x0", "prior_scale", "seeded_chain", "seeded_noise", "seeded_run",
 ]

@@ -19,7 +19,7 @@ from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from .marginal import fill_model_marginals, resolve_cache_path
 from .models import LoadedModel, PipelineModel, load_model
 from .sampler import Sampler, check_hooks, hooks
-from .seeds import SeededNoiseFn, seeded_noise
+from .seeds import seeded_run
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
@@ -210,15 +210,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     start = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
         batch_seeds = seeds[lo:lo + batch_size]
-        noise = seeded_noise(batch_seeds, loaded.sample_shape, device=loaded.device)
         cond = loaded.cond(labels[lo:lo + batch_size] if labels is not None else None)
-        noise_fn = SeededNoiseFn(batch_seeds, loaded.sample_shape, device=loaded.device)
-
-        def chain_noise(k: int, batch_seeds=batch_seeds):
-            return (seeded_noise(batch_seeds, loaded.sample_shape, device=loaded.device, chain=k),
-                    SeededNoiseFn(batch_seeds, loaded.sample_shape, device=loaded.device, chain=k))
-
-        result = sampler(guided, noise, cond, noise_fn=noise_fn, chain_noise=chain_noise)
+        result = sampler(guided, cond=cond, **seeded_run(batch_seeds, loaded.sample_shape, loaded.device))
         outputs.append(result.x.float().cpu())
         nfe, model_evals = result.nfe, result.model_evals
         for key, count in result.events.items():

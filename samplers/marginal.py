@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -54,11 +53,12 @@ from diffsample.guidance.base import Denoiser, Guidance
 from diffsample.guidance.classifier import base_cond
 from diffsample.guidance.interval import windowed_term, with_windowed_term
 from diffsample.guidance.jeffrey import JeffreyGuidance
-from diffsample.guidance.marginal import SUM_TOL, MarginalEstimate
+from diffsample.guidance.marginal import (SUM_TOL, MarginalEstimate, classifier_prior, estimate_marginal,
+                                          save_marginal)
 
 from .models import LoadedModel
 from .sampler import Sampler
-from .seeds import SeededNoiseFn, seeded_noise
+from .seeds import seeded_noise, seeded_run
 
 MARGINAL_SEED_BASE = 10**9
 """Per-sample seeds of a marginal estimate start here (disjoint from the seeds users sample with)."""
@@ -185,30 +185,12 @@ def _entry_estimate(entry: Any, num_classes: int, n: int) -> MarginalEstimate | 
     return est
 
 
-def _write_entry(path: Path, key: str, entry: dict[str, Any]) -> bool:
-    """Add ``entry`` under ``key`` (re-reading the file first, so entries other processes wrote
-    meanwhile are kept; a corrupt file is replaced) and write atomically. ``False`` (after a
-    warning) if the file cannot be written: the cache is an optimisation, never a failure."""
+def _write_entry(path: Path, key: str, estimate: MarginalEstimate, extra: dict[str, Any]) -> bool:
+    """:func:`~diffsample.guidance.marginal.save_marginal` (atomic; keeps other processes' entries;
+    replaces a corrupt file); ``False`` (after a warning) if the file cannot be written: the cache
+    is an optimisation, never a failure."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or "probs" in data:
-                data = {}
-        except (OSError, ValueError):
-            data = {}
-        data[key] = entry
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_marginal(path, key, estimate, extra)
     except OSError as exc:
         warnings.warn(f"marginal cache {str(path)!r} cannot be written ({exc}); the estimate is not cached",
                       stacklevel=3)
@@ -291,64 +273,47 @@ def _check_int(name: str, value: Any, lo: int) -> int:
     return value
 
 
-def _soft_label_sum(term: JeffreyGuidance, x: Tensor, t_min: float) -> Tensor:
-    """``sum_i softmax(logits_i)`` ``(K,)`` float64 for clean samples ``x`` with the classifier of
-    ``term``'s estimator (noise-aware at ``t_min``, or the clean one)."""
-    with torch.no_grad():
-        if term.estimator == "noisy":
-            logits = term.classifier(x, torch.full((x.shape[0],), t_min, dtype=x.dtype, device=x.device))
-        else:
-            logits = term.clean_classifier(x)
-    return torch.softmax(logits.to(torch.float64), dim=1).sum(0).cpu()
-
-
 def _sample_marginal(term: JeffreyGuidance, loaded: LoadedModel, sampler: Sampler, denoiser: Denoiser,
-                     seeds: list[int], batch_size: int, progress: bool) -> tuple[Tensor, float, int]:
-    """``(sum of soft labels (K,), model evals summed over samples, nfe per sample)``."""
+                     seeds: list[int], batch_size: int, progress: bool) -> tuple[MarginalEstimate, float, int]:
+    """``(soft-label estimate, model evals summed over samples, nfe per sample)``: unguided samples
+    labelled by the classifier of ``term``'s estimator (noise-aware at ``t_min``, or the clean one)."""
     if term.base == "conditional" and loaded.num_classes is not None:
         raise ValueError("estimating the model marginal of a Jeffrey term with base='conditional' on a "
                          "class-conditional model is not supported (p_theta(y) would depend on each row's "
                          "class); estimate it yourself and pass model_marginal=...")
     sampler = replace(sampler, progress=False)
-    shape, device = loaded.sample_shape, loaded.device
     t_min = float(denoiser.noise_schedule.t_min)
-    total, evals, nfe = None, 0.0, 0
+    xs, evals, nfe = [], 0.0, 0
     for lo in tqdm(range(0, len(seeds), batch_size), disable=not progress, leave=False, desc="model marginal"):
         batch = seeds[lo:lo + batch_size]
         labels = None if loaded.num_classes is None else torch.zeros(len(batch), dtype=torch.long)
         cond = base_cond(loaded.cond(labels), term.base)
-
-        def chain_noise(k: int, batch=batch):
-            return (seeded_noise(batch, shape, device=device, chain=k),
-                    SeededNoiseFn(batch, shape, device=device, chain=k))
-
-        result = sampler(denoiser, seeded_noise(batch, shape, device=device), cond,
-                         noise_fn=SeededNoiseFn(batch, shape, device=device), chain_noise=chain_noise)
-        part = _soft_label_sum(term, result.x, t_min)
-        total = part if total is None else total + part
+        result = sampler(denoiser, cond=cond, **seeded_run(batch, loaded.sample_shape, loaded.device))
+        xs.append(result.x)
         evals += result.model_evals * len(batch)
         nfe = result.nfe
-    return total, evals, nfe
+
+    def classify(x: Tensor) -> Tensor:
+        if term.estimator == "noisy":
+            return term.classifier(x, torch.full((x.shape[0],), t_min, dtype=x.dtype, device=x.device))
+        return term.clean_classifier(x)
+
+    return estimate_marginal(torch.cat(xs), classify, kind="soft", batch_size=batch_size), evals, nfe
 
 
 def _classifier_prior(term: JeffreyGuidance, loaded: LoadedModel, denoiser: Denoiser, seeds: list[int],
-                      batch_size: int) -> Tensor:
-    """Sum over ``seeds`` of ``softmax(classifier(noise, t_max))`` ``(K,)``, the noise scaled to the
-    marginal std at ``t_max`` (:func:`diffsample.guidance.marginal.classifier_prior`, batched, with
-    ``t`` on the samples' device)."""
+                      batch_size: int) -> MarginalEstimate:
+    """:func:`diffsample.guidance.marginal.classifier_prior` over seeded noise scaled to the marginal
+    std at ``t_max``, in batches of ``batch_size``."""
     ns = denoiser.noise_schedule
     t_max = float(ns.t_max)
     t64 = torch.tensor([t_max], dtype=torch.float64)
     scale = math.hypot(float(ns.alpha(t64)), float(ns.sigma(t64)))
-    total = None
-    with torch.no_grad():
-        for lo in range(0, len(seeds), batch_size):
-            noise = seeded_noise(seeds[lo:lo + batch_size], loaded.sample_shape, device=loaded.device) * scale
-            t = torch.full((noise.shape[0],), t_max, dtype=noise.dtype, device=noise.device)
-            logits = term.classifier(noise, t)
-            part = torch.softmax(logits.to(torch.float64), dim=1).sum(0).cpu()
-            total = part if total is None else total + part
-    return total
+    total = 0.0
+    for lo in range(0, len(seeds), batch_size):
+        noise = seeded_noise(seeds[lo:lo + batch_size], loaded.sample_shape, device=loaded.device) * scale
+        total = total + classifier_prior(term.classifier, noise, t_max).probs * noise.shape[0]
+    return MarginalEstimate(total / len(seeds), len(seeds), "prior")
 
 
 def _num_classes(term: JeffreyGuidance) -> int:
@@ -391,7 +356,8 @@ def model_marginal_for(term: JeffreyGuidance, loaded: LoadedModel, sampler: Samp
     batch_size = _check_int("batch_size", batch_size, 1)
     path = resolve_cache_path(cache)
     denoiser = loaded.denoiser if denoiser is None else denoiser
-    key = marginal_key(marginal_key_fields(term, loaded, sampler, n=n, seed=seed, below=below))
+    fields = marginal_key_fields(term, loaded, sampler, n=n, seed=seed, below=below)
+    key = marginal_key(fields)
     k = _num_classes(term)
     start = time.perf_counter()
     if path is not None:
@@ -405,17 +371,16 @@ def model_marginal_for(term: JeffreyGuidance, loaded: LoadedModel, sampler: Samp
                           f"number of classes (expected {k}); recomputing and overwriting it", stacklevel=2)
     seeds = list(range(MARGINAL_SEED_BASE + seed, MARGINAL_SEED_BASE + seed + n))
     if term.variant == "score":
-        total, evals, nfe = _sample_marginal(term, loaded, sampler, denoiser, seeds, batch_size, progress)
+        est, evals, nfe = _sample_marginal(term, loaded, sampler, denoiser, seeds, batch_size, progress)
     else:
-        total, evals, nfe = _classifier_prior(term, loaded, denoiser, seeds, batch_size), 0.0, 0
-    if total.numel() != k:
-        raise ValueError(f"classifier gives {total.numel()} classes, the target marginal has {k}")
-    est = MarginalEstimate(total / n, n, "soft" if term.variant == "score" else "prior")
+        est, evals, nfe = _classifier_prior(term, loaded, denoiser, seeds, batch_size), 0.0, 0
+    if est.probs.numel() != k:
+        raise ValueError(f"classifier gives {est.probs.numel()} classes, the target marginal has {k}")
     wall = time.perf_counter() - start
     if path is not None:
-        _write_entry(path, key, {**est.to_json(), "model_evals": evals, "nfe": nfe, "wall_time_s": round(wall, 3),
-                                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "fields": marginal_key_fields(term, loaded, sampler, n=n, seed=seed, below=below)})
+        _write_entry(path, key, est, {"model_evals": evals, "nfe": nfe, "wall_time_s": round(wall, 3),
+                                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                      "fields": fields})
     return ModelMarginal(est, "estimated", key, None if path is None else str(path), evals, nfe, wall,
                          (seeds[0], seeds[-1]))
 

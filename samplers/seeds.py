@@ -9,6 +9,8 @@ so switching solvers or batch sizes never changes a sample's initial noise (EDM'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,3 +58,17 @@ class SeededNoiseFn:
     def __call__(self, sigma: float, sigma_next: float) -> Tensor:
         draws = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators]
         return torch.stack(draws).to(device=self.device, dtype=self.dtype)
+
+
+def seeded_chain(seeds: Sequence[int], shape: Sequence[int], chain: int = 0,
+                 device: torch.device | str = "cpu") -> tuple[Tensor, SeededNoiseFn]:
+    """``(initial noise, per-step noise)`` of chain ``chain`` for ``seeds`` (chain 0 is the plain run)."""
+    return seeded_noise(seeds, shape, device=device, chain=chain), SeededNoiseFn(seeds, shape, device=device, chain=chain)
+
+
+def seeded_run(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Keyword arguments ``noise``, ``noise_fn`` and ``chain_noise`` of one
+    :class:`~diffsample.samplers.sampler.Sampler` call with per-sample seeds ``seeds``: chain ``k``
+    (best-of-N chains, twisted-SMC particles) draws from :func:`seeded_chain` ``(seeds, shape, k)``."""
+    noise, noise_fn = seeded_chain(seeds, shape, device=device)
+    return {"noise": noise, "noise_fn": noise_fn, "chain_noise": partial(seeded_chain, seeds, shape, device=device)}
