@@ -6,7 +6,7 @@ A guidance term maps a :class:`Denoiser` to a :class:`Denoiser` (DESIGN.md secti
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,6 +27,12 @@ class Cond:
 
     positive: Mapping[str, Any] = field(default_factory=dict)
     negative: Mapping[str, Any] | None = None
+
+    def map(self, fn: Callable[[Any], Any]) -> "Cond":
+        """A copy with ``fn`` applied to every keyword value of both branches (e.g. selecting or
+        repeating the rows of batch-first tensors)."""
+        return Cond({k: fn(v) for k, v in self.positive.items()},
+                    None if self.negative is None else {k: fn(v) for k, v in self.negative.items()})
 
 
 @runtime_checkable

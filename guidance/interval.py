@@ -103,7 +103,4 @@ def _take(v: Any, idx: Tensor, b: int) -> Any:
 
 
 def _sub(cond: Cond | None, idx: Tensor, b: int) -> Cond | None:
-    if cond is None:
-        return None
-    neg = None if cond.negative is None else {k: _take(v, idx, b) for k, v in cond.negative.items()}
-    return Cond({k: _take(v, idx, b) for k, v in cond.positive.items()}, neg)
+    return None if cond is None else cond.map(lambda v: _take(v, idx, b))

@@ -106,9 +106,4 @@ def _repeat_cond(cond: Cond | None, m: int) -> Cond | None:
     """``cond`` with every batch-first tensor repeated ``m`` times per row (candidate-major within a row)."""
     if cond is None:
         return None
-
-    def rep(kwargs):
-        return None if kwargs is None else {
-            k: v.repeat_interleave(m, 0) if isinstance(v, Tensor) and v.ndim else v for k, v in kwargs.items()}
-
-    return Cond(rep(cond.positive), rep(cond.negative))
+    return cond.map(lambda v: v.repeat_interleave(m, 0) if isinstance(v, Tensor) and v.ndim else v)

@@ -18,6 +18,8 @@ from diffsample.solvers.base import Grid, NoiseFn, NoiseSchedule, Solver
 from diffsample.solvers.step_schedules import _check_n
 from diffsample.solvers.transition import use_transition
 
+from .smc import twisted_smc
+
 StepSchedule = Callable[[NoiseSchedule, int], Tensor]
 
 
@@ -194,8 +196,6 @@ class Sampler:
     def _run_smc(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
                  chain_noise, callback: Callable[[StepInfo], None] | None, twisted) -> tuple[Tensor, int]:
         """Twisted SMC (:func:`~diffsample.samplers.smc.twisted_smc`): ``(B outputs, denoiser calls)``."""
-        from .smc import twisted_smc
-
         step = [0]
         denoise, calls = self._checked(denoiser, step)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,7 +102,7 @@ def twisted_smc(solver: Solver, grid: Grid, denoise: Callable[[Tensor, Tensor], 
             acc = torch.where(moved, -rec.log_g, acc[perm])
         with use_transition(lambda mean, std, grid_, j, draw: mean):  # the base kernel's mean, no draw
             mean_base, new_base_state = solver.step(_cached(d - rec.delta, x), x, grid, i, base_state, noise_all)
-        kernel: dict[str, Tensor] = {}
+        kernel: dict[str, Any] = {}
 
         def proposal(mean: Tensor, std: float, grid_: Grid, j: int, draw: Callable[[], Tensor]) -> Tensor:
             shift = mean - mean_base
@@ -109,16 +110,15 @@ def twisted_smc(solver: Solver, grid: Grid, denoise: Callable[[Tensor, Tensor], 
                 norm = shift.to(torch.float64).flatten(1).norm(dim=1).clamp_min(1e-300)
                 factor = (settings.max_shift * std / norm).clamp(max=1.0).to(shift.dtype)
                 shift = shift * factor.reshape((-1,) + (1,) * (shift.ndim - 1))
-            kernel["shift"], kernel["std"] = shift, torch.tensor(std, dtype=torch.float64)
+            kernel["shift"], kernel["std"] = shift, std
             kernel["z"] = z = draw()
             return mean_base + shift + std * z
 
         with use_transition(proposal):
             x_next, new_state = solver.step(_cached(d, x), x, grid, i, state, noise_all)
-        if kernel and float(kernel["std"]) > 0:
+        if kernel and kernel["std"] > 0:
             # log N(x'; m_0, s^2) - log N(x'; m_0 + shift, s^2) with x' = m_0 + shift + s z
-            std = float(kernel["std"])
-            shift, z = kernel["shift"], kernel["z"]
+            std, shift, z = kernel["std"], kernel["shift"], kernel["z"]
             acc = acc - (_dot(shift, z) / std + 0.5 * _sq(shift) / (std * std))
         else:  # a deterministic step cannot be reweighted: it follows the base sampler
             x_next, new_state = mean_base, new_base_state
@@ -192,10 +192,5 @@ def _repeat_cond(cond: Cond | None, k: int, b: int) -> Cond | None:
     """``cond`` with every batch-first tensor repeated ``k`` times, particle-major (row ``j * B + i``)."""
     if cond is None or k == 1:
         return cond
-
-    def rep(kwargs):
-        return None if kwargs is None else {
-            key: v.repeat(k, *([1] * (v.ndim - 1))) if isinstance(v, Tensor) and v.ndim and v.shape[0] == b else v
-            for key, v in kwargs.items()}
-
-    return Cond(rep(cond.positive), rep(cond.negative))
+    return cond.map(lambda v: v.repeat(k, *([1] * (v.ndim - 1)))
+                    if isinstance(v, Tensor) and v.ndim and v.shape[0] == b else v)
