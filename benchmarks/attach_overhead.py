@@ -19,7 +19,7 @@ from pathlib import Path
 import diffusers
 import torch
 
-from diffsample.samplers.scheduler_shim import DiffSampleScheduler
+from diffsample.pipelines.scheduler_shim import DiffSampleScheduler
 from diffsample.testbed import tiny_pipelines as tp
 
 STEPS, REPEATS = 20, 30

@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 
 from diffsample.guidance import ClassifierGuidance, Cond, JeffreyGuidance, estimate_marginal, load_marginal, save_marginal
-from diffsample.guidance.marginal import classifier_prior, parse_target, total_variation
+from diffsample.guidance.jeffrey.class_marginal import classifier_prior, parse_target, total_variation
 from diffsample.guidance import TDS
 from diffsample.samplers import Sampler, seeded_run
-from diffsample.samplers.models import load_model
+from diffsample.run.models import load_model
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.testbed import mnist
 

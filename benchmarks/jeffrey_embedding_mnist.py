@@ -49,12 +49,12 @@ from types import SimpleNamespace
 import torch
 
 from diffsample.guidance import Cond
-from diffsample.guidance.embedding import RatioClassifier, _jeffrey_embedding
-from diffsample.guidance.marginal import total_variation
+from diffsample.guidance.jeffrey.embedding_guidance import RatioClassifier, _jeffrey_embedding
+from diffsample.guidance.jeffrey.class_marginal import total_variation
 from diffsample.samplers import Sampler, SeededNoiseFn, seeded_noise
-from diffsample.samplers.models import load_model
+from diffsample.run.models import load_model
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
-from diffsample.solvers.registry import parse_spec
+from diffsample.core.registry import parse_spec
 from diffsample.testbed import mnist
 
 ROOT = Path(__file__).resolve().parent

@@ -37,7 +37,7 @@ import torch
 from diffsample.guidance import DPS, SVDD, BestOfN, Cond, FreeDoM, NoiseTilt
 from diffsample.guidance.rewards import ClassLogProb
 from diffsample.samplers import Sampler, seeded_run
-from diffsample.samplers.models import load_model
+from diffsample.run.models import load_model
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.testbed import mnist
 from diffsample.testbed.mnist.fd import mnist_fd

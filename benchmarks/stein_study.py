@@ -208,8 +208,8 @@ def gmm_markdown(rows, args) -> str:
 
 # ---- contractivity --------------------------------------------------------------------------------
 def run_lipschitz(args) -> None:
-    from diffsample.solvers.contractivity import lipschitz_along_trajectory
-    from diffsample.solvers.base import Grid
+    from contractivity import lipschitz_along_trajectory
+    from diffsample.solvers.solver import Grid
 
     gmm = circle_gmm(2)
     ns = VE(sigma_min=0.002, sigma_max=80.0)
@@ -244,7 +244,7 @@ MNIST_VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def run_mnist(args) -> None:
-    from diffsample.samplers.models import load_model
+    from diffsample.run.models import load_model
     from diffsample.samplers.seeds import seeded_noise
     from diffsample.testbed import mnist
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .generate import generate_cmd
-from .sweep import sweep_cmd
+from diffsample.cli.generate_cmd import generate_cmd
+from diffsample.cli.sweep_cmd import sweep_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,25 +15,25 @@ entries, since ``,`` separates options: ``jeffrey:target=0:0.5;1:0.5`` (or a JSO
 
 import math
 
-from .apg import APG
-from .base import Cond, Denoiser, Guidance, Resources
-from .best_of_n import BestOfN
-from .dps import DPS, FreeDoM
-from .noisetilt import NoiseTilt
-from .rewards import REWARDS, Reward, RewardError, RewardModelMissing, as_reward, reward_from_spec
-from .svdd import SVDD
-from .tds import TDS
-from .whitening import whiten
-from .cfg import CFG
-from .cfg_zero_star import CFGZeroStar
-from .cfgpp import CFGPlusPlus
-from .classifier import ClassifierGuidance
-from .identity import NoGuidance
-from .interval import Interval, within
-from .embedding import JeffreyEmbedding, RatioClassifier, _jeffrey_embedding
-from .jeffrey import JeffreyGuidance
-from .marginal import MarginalEstimate, estimate_marginal, load_marginal, parse_target, save_marginal
-from diffsample.solvers.registry import Registry
+from diffsample.guidance.apg import APG
+from diffsample.guidance.term import Cond, Denoiser, Guidance, Resources
+from diffsample.guidance.best_of_n import BestOfN
+from diffsample.guidance.dps import DPS, FreeDoM
+from diffsample.guidance.noisetilt import NoiseTilt
+from diffsample.guidance.rewards import REWARDS, Reward, RewardError, RewardModelMissing, as_reward, reward_from_spec
+from diffsample.guidance.svdd import SVDD
+from diffsample.guidance.jeffrey.twist import TDS
+from diffsample.guidance.whitening import whiten
+from diffsample.guidance.cfg import CFG
+from diffsample.guidance.cfg_zero_star import CFGZeroStar
+from diffsample.guidance.cfgpp import CFGPlusPlus
+from diffsample.guidance.classifier import ClassifierGuidance
+from diffsample.guidance.identity import NoGuidance
+from diffsample.guidance.interval import Interval, within
+from diffsample.guidance.jeffrey.embedding_guidance import JeffreyEmbedding, RatioClassifier, _jeffrey_embedding
+from diffsample.guidance.jeffrey.class_guidance import JeffreyGuidance
+from diffsample.guidance.jeffrey.class_marginal import MarginalEstimate, estimate_marginal, load_marginal, parse_target, save_marginal
+from diffsample.core.registry import Registry
 
 
 def _need_conditional(resources: Resources, name: str) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.solvers._math import alpha_sigma, append_dims  # noqa: F401  (alpha_sigma re-exported)
-from diffsample.solvers.base import NoiseSchedule
+from diffsample.solvers.numerics import alpha_sigma, append_dims  # noqa: F401  (alpha_sigma re-exported)
+from diffsample.solvers.solver import NoiseSchedule
 
-from .base import Cond, Denoiser
+from diffsample.guidance.term import Cond, Denoiser
 
 SPACES = ("x0", "eps", "flow")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ._common import GuidedDenoiser, RunState, alpha_sigma, call_both, check_space, from_space, row_dot, row_norm, to_space
-from .base import Cond, Denoiser
+from diffsample.guidance._common import GuidedDenoiser, RunState, alpha_sigma, call_both, check_space, from_space, row_dot, row_norm, to_space
+from diffsample.guidance.term import Cond, Denoiser
 
 
 @dataclass(frozen=True)

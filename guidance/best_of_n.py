@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ._common import GuidedDenoiser
-from .base import Cond, Denoiser
-from .rewards import Reward, as_reward, check_reward
+from diffsample.guidance._common import GuidedDenoiser
+from diffsample.guidance.term import Cond, Denoiser
+from diffsample.guidance.rewards import Reward, as_reward, check_reward
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.solvers._math import ancestral_split
-from diffsample.solvers.base import Grid
+from diffsample.solvers.numerics import ancestral_split
+from diffsample.solvers.solver import Grid
 
-from ._common import call_both
-from .base import Cond, Denoiser
+from diffsample.guidance._common import call_both
+from diffsample.guidance.term import Cond, Denoiser
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class CFGPlusPlus:
     step to ``sigma = 0``, where ``D' = x0_l``). Proof: Euler gives
     ``x_next / alpha_next = D' + r (x / alpha - D')`` and CFG++ gives ``x0_l + r (x / alpha - d_u)``.
 
-    So the wrapper needs the grid: pass ``grid`` (a :class:`~diffsample.solvers.base.Grid`) or
+    So the wrapper needs the grid: pass ``grid`` (a :class:`~diffsample.solvers.solver.Grid`) or
     ``sampler`` (anything with ``.solver`` and ``.grid(noise_schedule)``, e.g. a ``Sampler``); the
     solver must be first order (``Euler`` / ``ddim`` / ``euler_ancestral``, whose ``eta`` is used).
     With other solvers CFG++ has no exact denoiser form and is refused. 2 model evaluations per call.

@@ -10,10 +10,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from diffsample.solvers.accounting import add_backward_evals, forward_rows, measure_model_evals
+from diffsample.core.accounting import add_backward_evals, forward_rows, measure_model_evals
 
-from ._common import GuidedDenoiser, alpha_sigma, class_log_prob, target_labels
-from .base import Cond, Denoiser
+from diffsample.guidance._common import GuidedDenoiser, alpha_sigma, class_log_prob, target_labels
+from diffsample.guidance.term import Cond, Denoiser
 
 ESTIMATORS = ("noisy", "tweedie")
 BASES = ("unconditional", "conditional")
@@ -59,7 +59,7 @@ class GuidedParts(NamedTuple):
     Attributes:
         denoised: the base denoiser's data prediction ``D(x_t)``.
         grad: ``grad_x log G_t(x_t)`` in score units.
-        log_g: ``log G_t(x_t)``, shape ``(B,)`` (the twist of twisted SMC, :mod:`diffsample.samplers.smc`).
+        log_g: ``log G_t(x_t)``, shape ``(B,)`` (the twist of twisted SMC, :mod:`diffsample.samplers.twisted_smc`).
     """
 
     denoised: Tensor

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from diffsample.solvers.base import Grid
+from diffsample.solvers.solver import Grid
 
-from ._common import GuidedDenoiser, alpha_sigma, row_norm
-from .base import Cond, Denoiser
-from .reward_grad import check_grad_wrt, reward_grad
-from .rewards import Reward, as_reward
+from diffsample.guidance._common import GuidedDenoiser, alpha_sigma, row_norm
+from diffsample.guidance.term import Cond, Denoiser
+from diffsample.guidance.reward_grad import check_grad_wrt, reward_grad
+from diffsample.guidance.rewards import Reward, as_reward
 
 
 @dataclass(frozen=True)

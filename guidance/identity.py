@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Denoiser
+from diffsample.guidance.term import Denoiser
 
 
 @dataclass(frozen=True)

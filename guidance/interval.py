@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import sigma_ve
-from .base import Cond, Denoiser, Guidance
+from diffsample.guidance._common import sigma_ve
+from diffsample.guidance.term import Cond, Denoiser, Guidance
 
 
 @dataclass(frozen=True)

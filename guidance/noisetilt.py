@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from diffsample.solvers.base import Grid
+from diffsample.solvers.solver import Grid
 
-from ._common import GuidedDenoiser
-from .base import Cond, Denoiser
-from .reward_grad import check_grad_wrt, reward_grad
-from .rewards import Reward, as_reward
-from .whitening import whiten
+from diffsample.guidance._common import GuidedDenoiser
+from diffsample.guidance.term import Cond, Denoiser
+from diffsample.guidance.reward_grad import check_grad_wrt, reward_grad
+from diffsample.guidance.rewards import Reward, as_reward
+from diffsample.guidance.whitening import whiten
 
 RHO_SCHEDULES = ("beta_matched", "constant", "linear_decay")
 

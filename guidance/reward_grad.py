@@ -12,11 +12,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from diffsample.solvers.accounting import add_backward_evals, add_event, forward_rows, measure_model_evals
+from diffsample.core.accounting import add_backward_evals, add_event, forward_rows, measure_model_evals
 
-from ._common import alpha_sigma
-from .base import Cond, Denoiser
-from .rewards import Reward, RewardError, check_reward
+from diffsample.guidance._common import alpha_sigma
+from diffsample.guidance.term import Cond, Denoiser
+from diffsample.guidance.rewards import Reward, RewardError, check_reward
 
 GRAD_WRT = ("x_t", "x0hat")
 

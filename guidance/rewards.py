@@ -19,10 +19,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from diffsample.solvers.registry import Registry
+from diffsample.core.registry import Registry
 
-from ._common import class_log_prob, target_labels
-from .base import Cond, Resources
+from diffsample.guidance._common import class_log_prob, target_labels
+from diffsample.guidance.term import Cond, Resources
 
 
 class RewardError(ValueError):

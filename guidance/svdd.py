@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from diffsample.solvers.accounting import add_event
-from diffsample.solvers.base import Grid
+from diffsample.core.accounting import add_event
+from diffsample.solvers.solver import Grid
 
-from ._common import GuidedDenoiser
-from .base import Cond, Denoiser
-from .rewards import Reward, as_reward, check_reward
+from diffsample.guidance._common import GuidedDenoiser
+from diffsample.guidance.term import Cond, Denoiser
+from diffsample.guidance.rewards import Reward, as_reward, check_reward
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Orchestration: the sampling loop, per-sample seeds and model adapters."""
 
-from .denoisers import ModelDenoiser, from_eps, from_v, from_velocity, from_x0
-from .sampler import NonFiniteError, SampleResult, Sampler, StepInfo, prior_scale
-from .seeds import SeededNoiseFn, seeded_chain, seeded_noise, seeded_run
+from diffsample.samplers.denoisers import ModelDenoiser, from_eps, from_v, from_velocity, from_x0
+from diffsample.samplers.sampler import NonFiniteError, SampleResult, Sampler, StepInfo, prior_scale
+from diffsample.samplers.seeds import SeededNoiseFn, seeded_chain, seeded_noise, seeded_run
 
 __all__ = [
     "ModelDenoiser", "NonFiniteError", "SampleResult", "Sampler", "SeededNoiseFn", "StepInfo",

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.guidance.base import Cond
-from diffsample.solvers._math import alpha_sigma
-from diffsample.solvers.accounting import add_model_evals
-from diffsample.solvers.base import NoiseSchedule
+from diffsample.guidance.term import Cond
+from diffsample.solvers.numerics import alpha_sigma
+from diffsample.core.accounting import add_model_evals
+from diffsample.solvers.solver import NoiseSchedule
 from diffsample.solvers.noise_schedules import RectifiedFlow
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")

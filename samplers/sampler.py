@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffsample.guidance.base import Cond, Denoiser
-from diffsample.solvers.accounting import add_event, count_events, count_model_evals
-from diffsample.solvers.base import Grid, NoiseFn, NoiseSchedule, Solver
+from diffsample.guidance.term import Cond, Denoiser
+from diffsample.core.accounting import add_event, count_events, count_model_evals
+from diffsample.solvers.solver import Grid, NoiseFn, NoiseSchedule, Solver
 from diffsample.solvers.step_schedules import _check_n
 from diffsample.solvers.transition import use_transition
 
-from .smc import twisted_smc
+from diffsample.samplers.twisted_smc import twisted_smc
 
 StepSchedule = Callable[[NoiseSchedule, int], Tensor]
 
@@ -71,7 +71,7 @@ class Sampler:
     """Run ``solver`` over the grid ``step_schedule`` gives for ``steps`` intervals.
 
     Args:
-        solver: a :class:`~diffsample.solvers.base.Solver`.
+        solver: a :class:`~diffsample.solvers.solver.Solver`.
         step_schedule: ``(noise_schedule, n) -> t`` (see :mod:`diffsample.solvers.step_schedules`).
         steps: number of grid intervals (>= 1); equals ``nfe`` for single-stage solvers.
         final: ``"zero"`` -- evaluate at ``steps`` schedule points and denoise to ``sigma = 0`` on
@@ -125,7 +125,7 @@ class Sampler:
         travel); ``chains`` / ``score`` run that many independent chains and keep the best
         (best-of-N; chain ``k >= 1`` starts from ``chain_noise(k) = (noise, noise_fn)``, default
         fresh ``torch.randn`` draws); a ``twist`` (Jeffrey guidance with ``particles > 1``) runs
-        twisted SMC over that many particles per sample (:func:`~diffsample.samplers.smc.twisted_smc`;
+        twisted SMC over that many particles per sample (:func:`~diffsample.samplers.twisted_smc.twisted_smc`;
         particle ``k >= 1`` likewise from ``chain_noise(k)``). ``nfe`` and ``model_evals`` are totals
         over all of it.
 
@@ -195,7 +195,7 @@ class Sampler:
 
     def _run_smc(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
                  chain_noise, callback: Callable[[StepInfo], None] | None, twisted) -> tuple[Tensor, int]:
-        """Twisted SMC (:func:`~diffsample.samplers.smc.twisted_smc`): ``(B outputs, denoiser calls)``."""
+        """Twisted SMC (:func:`~diffsample.samplers.twisted_smc.twisted_smc`): ``(B outputs, denoiser calls)``."""
         step = [0]
         denoise, calls = self._checked(denoiser, step)
 

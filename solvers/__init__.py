@@ -4,16 +4,16 @@ Registries: :data:`SOLVERS` and :data:`STEP_SCHEDULES`, keyed by the names users
 k-diffusion and ComfyUI. Adding a solver = one file plus one ``SOLVERS.add`` line here.
 """
 
-from .base import Denoise, Grid, NoiseFn, NoiseSchedule, Solver
-from .dpm_solver import DPMSolverPP
-from .euler import Euler
-from .flow_sde import FlowSDE
-from .heun import Heun
-from .noise_schedules import VE, DiscreteVP, LinearVP, RectifiedFlow
-from .registry import Registry, parse_spec
-from .stein import SteinDiff
-from .step_schedules import FlowShift, Karras, LambdaUniform, PolyExponential, TimeUniform, fixed
-from .unipc import UniPC
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, NoiseSchedule, Solver
+from diffsample.solvers.dpm_solver import DPMSolverPP
+from diffsample.solvers.euler import Euler
+from diffsample.solvers.flow_sde import FlowSDE
+from diffsample.solvers.heun import Heun
+from diffsample.solvers.noise_schedules import VE, DiscreteVP, LinearVP, RectifiedFlow
+from diffsample.core.registry import Registry, parse_spec
+from diffsample.solvers.stein import SteinDiff
+from diffsample.solvers.step_schedules import FlowShift, Karras, LambdaUniform, PolyExponential, TimeUniform, fixed
+from diffsample.solvers.unipc import UniPC
 
 SOLVERS: Registry[Solver] = Registry("solver")
 SOLVERS.add("euler", Euler, "Euler / DDIM (eta=0), = DPM-Solver++(1); order 1, 1 NFE/step", eta=0.0)

@@ -8,9 +8,9 @@ from typing import Literal, NamedTuple
 
 from torch import Tensor
 
-from ._math import expm1_neg
-from .base import Denoise, Grid, NoiseFn, call_denoise
-from .transition import sample_kernel
+from diffsample.solvers.numerics import expm1_neg
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers.transition import sample_kernel
 
 
 class History(NamedTuple):

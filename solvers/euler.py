@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ._math import ancestral_split
-from .base import Denoise, Grid, NoiseFn, call_denoise
-from .transition import sample_kernel
+from diffsample.solvers.numerics import ancestral_split
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers.transition import sample_kernel
 
 
 @dataclass(frozen=True)

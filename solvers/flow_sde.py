@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Denoise, Grid, NoiseFn, call_denoise
-from .noise_schedules import RectifiedFlow
-from .transition import sample_kernel
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers.noise_schedules import RectifiedFlow
+from diffsample.solvers.transition import sample_kernel
 
 
 @dataclass(frozen=True)

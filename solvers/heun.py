@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .base import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
 
 
 @dataclass(frozen=True)

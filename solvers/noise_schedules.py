@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._math import interp
-from .base import NoiseSchedule
+from diffsample.solvers.numerics import interp
+from diffsample.solvers.solver import NoiseSchedule
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from .accounting import add_event, add_model_evals, forward_rows, measure_model_evals
-from .base import Denoise, Grid, NoiseFn, Solver, SolverState, tree_map
+from diffsample.core.accounting import add_event, add_model_evals, forward_rows, measure_model_evals
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, Solver, SolverState, tree_map
 
 ApplySteps = Literal["all", "all_but_last"] | int | Callable[[int, Grid], bool]
 

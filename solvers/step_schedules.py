@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import NoiseSchedule
-from .noise_schedules import DiscreteVP, RectifiedFlow
+from diffsample.solvers.solver import NoiseSchedule
+from diffsample.solvers.noise_schedules import DiscreteVP, RectifiedFlow
 
 
 def _check_n(n: int) -> int:

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from .base import Grid, NoiseFn, require_noise
+from diffsample.solvers.solver import Grid, NoiseFn, require_noise
 
 
 class Transition(Protocol):

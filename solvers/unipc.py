@@ -8,8 +8,8 @@ from typing import Literal, NamedTuple
 
 from torch import Tensor
 
-from ._math import solve_small
-from .base import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers.numerics import solve_small
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
 
 
 class UniPCState(NamedTuple):

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from diffsample.solvers.base import NoiseSchedule
-from diffsample.solvers.accounting import add_model_evals
+from diffsample.solvers.solver import NoiseSchedule
+from diffsample.core.accounting import add_model_evals
 from diffsample.solvers.noise_schedules import DiscreteVP
 
 
@@ -168,7 +168,7 @@ class GMMDenoiser:
     """The exact mixture denoiser as a diffsample ``Denoiser``: ``(x, t, cond=None) -> denoised``.
 
     ``t`` has shape ``(B,)`` in ``noise_schedule`` time. Each call records one model evaluation per
-    sample (``diffsample.solvers.accounting``). ``cond`` is ignored (unconditional).
+    sample (``diffsample.core.accounting``). ``cond`` is ignored (unconditional).
     """
 
     def __init__(self, gmm: GaussianMixture, noise_schedule: NoiseSchedule) -> None:

@@ -120,13 +120,13 @@ def build(family: str, seed: int = 0) -> Any:
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
         pipe = d.DDPMPipeline(unet=unet, scheduler=d.DDPMScheduler(num_train_timesteps=1000))
     elif family == "ddpm_gmm":
-        from .gmm import GaussianMixture
+        from diffsample.testbed.gmm import GaussianMixture
 
         sched = d.DDPMScheduler(num_train_timesteps=1000)
         unet = GaussianMixture.random(dim=16, components=4, seed=seed).eps_model(sched.alphas_cumprod, (1, 4, 4))
         pipe = d.DDPMPipeline(unet=unet, scheduler=sched)
     elif family == "ddpm_mnist":
-        from . import mnist
+        from diffsample.testbed import mnist
 
         unet = NullClassUNet(mnist.load_unet(), mnist.NULL_CLASS)
         pipe = d.DDPMPipeline(unet=unet, scheduler=d.DDPMScheduler.from_config(mnist.load_scheduler_config()))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .data import load_digits
-from .networks import DigitClassifier, NoisyDigitClassifier
+from diffsample.testbed.mnist.data import load_digits
+from diffsample.testbed.mnist.networks import DigitClassifier, NoisyDigitClassifier
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -114,4 +114,4 @@ def load_noisy_classifier(device: str | torch.device = "cpu", dtype: torch.dtype
     return _load_module(NoisyDigitClassifier(), "noisy_classifier.safetensors", device, dtype)
 
 
-from .fd import class_accuracy, mnist_fd  # noqa: E402  (fd imports the loaders above lazily)
+from diffsample.testbed.mnist.fd import class_accuracy, mnist_fd  # noqa: E402  (fd imports the loaders above lazily)

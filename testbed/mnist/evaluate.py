@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import MODEL_DIR, NULL_CLASS, WEIGHTS_DIR, class_accuracy, load_digits, load_noisy_classifier, load_scheduler_config, load_unet, mnist_fd
-from .data import to_uint8
-from .networks import ddpm_alphas_cumprod
+from diffsample.testbed.mnist import MODEL_DIR, NULL_CLASS, WEIGHTS_DIR, class_accuracy, load_digits, load_noisy_classifier, load_scheduler_config, load_unet, mnist_fd
+from diffsample.testbed.mnist.data import to_uint8
+from diffsample.testbed.mnist.networks import ddpm_alphas_cumprod
 
 WORK_DIR = Path(__file__).resolve().parent / "_train_work"  # git-ignored sample cache
 

@@ -39,7 +39,7 @@ class FDFeatures(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def _classifier():
-    from . import load_classifier
+    from diffsample.testbed.mnist import load_classifier
 
     return load_classifier()
 
@@ -75,7 +75,7 @@ def mnist_fd(samples: Tensor, reference: Tensor | None = None) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if reference is None:
-        from .data import load_digits
+        from diffsample.testbed.mnist.data import load_digits
 
         reference, _ = load_digits("heldout")
     x = _check(samples, "samples")

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import HELDOUT_NPZ, load_digits, save_heldout_npz
-from .networks import DigitClassifier, NoisyDigitClassifier, ddpm_alphas_cumprod
+from diffsample.testbed.mnist.data import HELDOUT_NPZ, load_digits, save_heldout_npz
+from diffsample.testbed.mnist.networks import DigitClassifier, NoisyDigitClassifier, ddpm_alphas_cumprod
 
 NULL_CLASS = 10
 WORK_DIR = Path(__file__).resolve().parent / "_train_work"  # git-ignored snapshots

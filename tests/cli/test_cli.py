@@ -199,7 +199,7 @@ def test_python_api_matches_cli(tmp_path):
 
 def test_api_validates_every_class_before_sampling():
     import diffsample
-    from diffsample.samplers.models import load_model
+    from diffsample.run.models import load_model
 
     model = load_model()
     calls = []

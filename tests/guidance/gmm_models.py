@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffsample.guidance import Cond
 from diffsample.solvers import LinearVP
-from diffsample.solvers.accounting import add_model_evals
+from diffsample.core.accounting import add_model_evals
 from diffsample.testbed.gmm import GaussianMixture
 
 NS = LinearVP()

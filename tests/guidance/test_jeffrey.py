@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffsample.guidance import ClassifierGuidance, JeffreyGuidance, estimate_marginal
-from diffsample.guidance.marginal import log_weights, total_variation
+from diffsample.guidance.jeffrey.class_marginal import log_weights, total_variation
 from diffsample.samplers import Sampler
 from diffsample.solvers import Euler, TimeUniform
 
@@ -191,7 +191,7 @@ def test_missing_model_marginal_is_a_clear_error():
 
 
 def test_classifier_prior_recovers_the_mixture_weights():
-    from diffsample.guidance.marginal import classifier_prior
+    from diffsample.guidance.jeffrey.class_marginal import classifier_prior
 
     # at a very noisy level the exact noisy classifier outputs its prior pi
     t_max = NS.t_max

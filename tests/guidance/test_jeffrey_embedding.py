@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from diffsample.guidance import Interval
-from diffsample.guidance.embedding import JeffreyEmbedding, RatioClassifier, _jeffrey_embedding, feature_map
-from diffsample.guidance.base import Resources
+from diffsample.guidance.jeffrey.embedding_guidance import JeffreyEmbedding, RatioClassifier, _jeffrey_embedding, feature_map
+from diffsample.guidance.term import Resources
 from diffsample.samplers import Sampler
 from diffsample.solvers import Euler, TimeUniform
-from diffsample.solvers.accounting import count_events
-from diffsample.solvers.registry import Registry
+from diffsample.core.accounting import count_events
+from diffsample.core.registry import Registry
 from diffsample.testbed.gmm import GaussianMixture
 
 from .gmm_models import NS, PI, PI_STAR, alpha_sigma, assign, mixture, proportions

@@ -14,7 +14,7 @@ from scipy import stats
 
 from diffsample.guidance import (DPS, GUIDANCE, SVDD, BestOfN, CFG, FreeDoM, NoiseTilt, Resources, RewardError,
                                  as_reward)
-from diffsample.samplers.generate import build_sampler
+from diffsample.run.generate import build_sampler
 from diffsample.samplers.sampler import Sampler
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 

@@ -19,9 +19,9 @@ pytest.importorskip("transformers")
 
 from diffsample import attach, detach  # noqa: E402
 from diffsample.guidance import ClassifierGuidance  # noqa: E402
-from diffsample.samplers.capture import ReplayError  # noqa: E402
-from diffsample.samplers.pipelines import PipelineDenoiser, sample_pipeline  # noqa: E402
-from diffsample.samplers.scheduler_shim import DiffSampleScheduler  # noqa: E402
+from diffsample.pipelines.capture import ReplayError  # noqa: E402
+from diffsample.pipelines import PipelineDenoiser, sample_pipeline  # noqa: E402
+from diffsample.pipelines.scheduler_shim import DiffSampleScheduler  # noqa: E402
 from diffsample.testbed import tiny_pipelines as tp  # noqa: E402
 
 FAMILIES = ["ddpm", "ddpm_gmm", "ddpm_mnist", "sd", "sd2", "sdxl", "sd3", "flux", "pixart"]
@@ -107,7 +107,7 @@ def test_attach_matches_diffusers_scheduler(family, solver):
 
 def test_own_step_schedules_reproduce_diffusers_timesteps():
     """Our ``trailing`` schedule gives diffusers' DPM-Solver grid and timesteps (VP)."""
-    from diffsample.samplers.pipelines import grid_from_schedule, grid_from_scheduler, process_from_config
+    from diffsample.pipelines import grid_from_schedule, grid_from_scheduler, process_from_config
     from diffsample.solvers import STEP_SCHEDULES
 
     vp = diffusers.DPMSolverMultistepScheduler(**{k: v for k, v in tp.SD_SCHEDULER.items() if k != "clip_sample"

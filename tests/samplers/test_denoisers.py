@@ -5,7 +5,7 @@ import torch
 
 from diffsample.samplers import ModelDenoiser, from_eps, from_v, from_velocity, from_x0
 from diffsample.solvers import VE, LinearVP, RectifiedFlow
-from diffsample.solvers._math import append_dims
+from diffsample.solvers.numerics import append_dims
 from diffsample.testbed.gmm import GaussianMixture
 
 GMM = GaussianMixture.random(dim=4, components=3, seed=0)

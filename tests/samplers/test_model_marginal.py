@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from diffsample.guidance import JeffreyGuidance, NoGuidance
-from diffsample.guidance.base import Resources
+from diffsample.guidance.term import Resources
 from diffsample.guidance.interval import Interval, windowed_term, with_windowed_term
 from diffsample.samplers.denoisers import ModelDenoiser
-from diffsample.samplers.generate import build_sampler, generate
-from diffsample.samplers.marginal import (MARGINAL_SEED_BASE, default_cache_path, fill_model_marginals,
+from diffsample.run.generate import build_sampler, generate
+from diffsample.guidance.jeffrey.model_marginal import (MARGINAL_SEED_BASE, default_cache_path, fill_model_marginals,
                                           model_identity, model_marginal_for)
-from diffsample.samplers.models import LoadedModel
+from diffsample.run.models import LoadedModel
 from diffsample.solvers.noise_schedules import DiscreteVP
 from diffsample.testbed.gmm import GaussianMixture
 

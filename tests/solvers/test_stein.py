@@ -9,7 +9,7 @@ import torch
 
 from diffsample.samplers import Sampler
 from diffsample.solvers import SOLVERS, VE, DPMSolverPP, Karras, LambdaUniform, LinearVP, SteinDiff, UniPC
-from diffsample.solvers.base import Grid
+from diffsample.solvers.solver import Grid
 from diffsample.solvers.dpm_solver import History
 from diffsample.solvers.stein import NotDifferentiableError, stein_trace
 from diffsample.testbed.gmm import GaussianMixture

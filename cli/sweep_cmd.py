@@ -1,0 +1,52 @@
+"""``diffsample sweep``: FD/NFE grids with resume, a markdown table and a log-log plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from diffsample.cli.options import fail, int_list, registry_spec
+
+
+@click.command("sweep")
+@click.option("--model", default="mnist", show_default=True, metavar="PATH_OR_ID")
+@click.option("--solver", "solvers", multiple=True, default=("dpmpp_2m", "unipc_bh2"), show_default=True,
+              callback=registry_spec("solvers"), help="Solver spec (repeatable).")
+@click.option("--schedule", "schedules", multiple=True, default=("karras",), show_default=True,
+              callback=registry_spec("schedules"), help="Step schedule spec (repeatable).")
+@click.option("--steps", "steps", default="5,10,20", show_default=True, callback=int_list,
+              help="Comma-separated step counts.")
+@click.option("--guidance", "guidance", multiple=True, callback=registry_spec("guidance"),
+              help="Guidance setting (repeatable; each is one grid axis value; '+' composes terms).")
+@click.option("--cfg-scale", type=click.FloatRange(min=0), default=None)
+@click.option("--num-samples", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--metric", type=click.Choice(["mnist-fd", "none"]), default="mnist-fd", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for results.jsonl (appended; re-running resumes), results.md and fd_vs_nfe.png "
+                   "(both over every cell in the folder).")
+@click.option("-q", "--quiet", is_flag=True)
+def sweep_cmd(model, solvers, schedules, steps, guidance, cfg_scale, num_samples, seed, batch_size, metric, out, quiet):
+    """Run a solver x schedule x steps (x guidance) grid; one JSON line per finished cell."""
+    from diffsample.run.models import ModelLoadError, load_model
+    from diffsample.run.sweep import markdown_table, plot, read_results, run_sweep
+
+    if out.exists() and not out.is_dir():
+        fail(f"--out {str(out)!r} exists and is not a directory")
+    settings = [tuple(g.split("+")) if g != "none" else () for g in guidance] or [()]
+    try:
+        loaded = load_model(model)
+        rows = run_sweep(loaded, out, solvers=solvers, schedules=schedules, steps=steps, guidance=settings,
+                         cfg_scale=cfg_scale, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                         metric=metric, log=(lambda s: None) if quiet else click.echo)
+    except (ValueError, ModelLoadError) as exc:
+        fail(str(exc))
+    # The table and plot cover every cell in the folder (earlier invocations included).
+    every = read_results(out)
+    (out / "results.md").write_text(markdown_table(every))
+    plot(every, out / "fd_vs_nfe.png")
+    table = markdown_table(rows)
+    if not quiet:
+        click.echo(table)

@@ -1,0 +1,1 @@
+"""Lowest layer: name registries and the model-evaluation accounting every layer may import."""

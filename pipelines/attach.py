@@ -1,0 +1,113 @@
+"""``attach(pipe, ...)`` / ``detach(pipe)``: run diffsample solvers inside any diffusers pipeline.
+
+The "they drive" front-end (DESIGN.md section 6.6): the pipeline keeps its own loop (prompt
+encoding, CFG batching, callbacks, decoding); :func:`attach` swaps ``pipe.scheduler`` for a
+:class:`~diffsample.pipelines.scheduler_shim.DiffSampleScheduler` and hooks ``pipe.unet`` /
+``pipe.transformer`` so solvers that need another evaluation inside ``step`` (multi-stage,
+Stein probes, gradient guidance) can replay the pipeline's guided network calls.
+:func:`detach` restores the original scheduler and removes the hooks.
+
+Works for pipelines whose loop calls ``scheduler.step(model_output, t, latents)`` with the
+latents it fed the network (SD 1.x/2.x, SDXL, SD3, FLUX, PixArt, DDPM, ...). Re-evaluation is
+refused with a clear error (never silently wrong numbers) where the calls cannot be replayed
+(inpainting-style channel concatenation, non-affine guiders); use the native loop
+(:func:`diffsample.pipelines.sample_pipeline`) there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from diffsample.guidance import GUIDANCE, Resources
+from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+from diffsample.solvers.solver import Solver
+
+from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture
+from diffsample.pipelines.scheduler_shim import DiffSampleScheduler, needs_replay
+
+DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2", "prior")
+
+
+def find_denoisers(pipe: Any) -> dict[str, Any]:
+    """The pipeline's denoising networks ``{name: module}`` (``unet``, ``transformer``, ...).
+
+    Raises:
+        ValueError: the pipeline has none of them (the message names what was expected).
+    """
+    found = {name: getattr(pipe, name) for name in DENOISER_COMPONENTS if getattr(pipe, name, None) is not None}
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no denoising network; attach expects a 'unet' or "
+                         "'transformer' component")
+    return found
+
+
+def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callable | None = None,
+           guidance: Sequence[Any] = (), *, seed: int = 0) -> DiffSampleScheduler:
+    """Make ``pipe`` sample with a diffsample solver; returns the installed scheduler shim.
+
+    Args:
+        pipe: a diffusers pipeline with a ``scheduler`` and a ``unet`` / ``transformer``.
+        solver: a ``SOLVERS`` spec (``"dpmpp_2m"``, ``"unipc_bh2"``, ``"stein-dpm"``, ``"heun"``) or
+            a solver object.
+        schedule: ``None`` -- the grid the pipeline's own scheduler would use (same timesteps);
+            a ``STEP_SCHEDULES`` spec (``"karras"``) or a step-schedule callable.
+        guidance: guidance terms (objects, or registry specs built with empty resources) applied
+            to the pipeline's guided prediction inside ``step`` (e.g. ``ClassifierGuidance`` with
+            ``estimator="tweedie"``); each re-evaluates the network through the captured calls.
+        seed: seed of the noise stochastic solvers draw when the pipeline passes no generator.
+
+    ``pipe.scheduler.report()`` gives ``nfe`` and ``model_evals`` of the last run. The shim works
+    in fp32 internally (an fp32 master copy of the latents) and returns ``model_output.dtype``.
+
+    Raises:
+        ValueError: no ``scheduler``, no ``unet`` / ``transformer``, already attached, an unknown
+            solver / schedule / guidance name or prediction type; a solver or guidance that
+            re-evaluates the network while the network is not a hookable ``nn.Module``
+            (the message recommends the native loop).
+    """
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None:
+        raise ValueError(f"{type(pipe).__name__} has no scheduler; attach expects a diffusers pipeline whose "
+                         "denoising loop calls scheduler.step")
+    if isinstance(scheduler, DiffSampleScheduler):
+        raise ValueError("a diffsample scheduler is already attached; call diffsample.detach(pipe) first")
+    denoisers = find_denoisers(pipe)
+    solver_obj = SOLVERS.create(solver) if isinstance(solver, str) else solver
+    schedule_obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, str) else schedule
+    terms = tuple(GUIDANCE.create(g, resources=Resources()) if isinstance(g, str) else g for g in guidance)
+    shim = DiffSampleScheduler.from_config(scheduler.config, solver=solver if isinstance(solver, str) else "dpmpp_2m",
+                                           schedule=schedule if isinstance(schedule, str) else None,
+                                           base_scheduler=type(scheduler).__name__, seed=seed)
+    shim._solver_obj, shim._schedule_obj, shim._guidance = solver_obj, schedule_obj, terms
+    shim._grid_source = scheduler
+    process = shim.process  # validates the prediction type / process now, not mid-run
+    hookable = {name: m for name, m in denoisers.items() if isinstance(m, nn.Module)}
+    if needs_replay(solver_obj, terms, process) and len(hookable) != len(denoisers):
+        raise ValueError(f"{type(solver_obj).__name__}{' with guidance' if terms else ''} re-evaluates the network "
+                         f"inside step, but the call arguments of {', '.join(sorted(set(denoisers) - set(hookable)))} "
+                         "cannot be captured (not a torch nn.Module); " + NATIVE_LOOP_HINT)
+    shim._capture = DenoiserCapture(hookable) if hookable else None
+    shim._original = scheduler
+    pipe.scheduler = shim
+    return shim
+
+
+def detach(pipe: Any) -> Any:
+    """Remove the hooks and restore (and return) the scheduler :func:`attach` replaced.
+
+    Raises:
+        ValueError: nothing is attached to ``pipe``.
+    """
+    shim = getattr(pipe, "scheduler", None)
+    if not isinstance(shim, DiffSampleScheduler) or shim._original is None:
+        raise ValueError(f"no diffsample scheduler is attached to this {type(pipe).__name__}")
+    if shim._capture is not None:
+        shim._capture.remove()
+        shim._capture = None
+    original = shim._original
+    shim._original = None
+    pipe.scheduler = original
+    return original

@@ -1,0 +1,231 @@
+"""``diffsample.generate``: the main job as a Python function (the CLI is a thin layer over it)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffsample.guidance import CFG, GUIDANCE
+from diffsample.guidance.term import Denoiser, Guidance
+from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+
+from diffsample.guidance.jeffrey.model_marginal import fill_model_marginals, resolve_cache_path
+from diffsample.run.models import LoadedModel, PipelineModel, load_model
+from diffsample.samplers.sampler import Sampler, check_hooks, hooks
+from diffsample.samplers.seeds import seeded_run
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
+DEFAULT_MARGINAL_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """Images and the run record of :func:`generate`.
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
+        samples: ``(N, C, H, W)`` raw final samples (model space, CPU).
+        record: JSON-serialisable run record: parameters, seeds, classes, ``nfe``, ``model_evals``,
+            wall time and package versions; with Jeffrey guidance also ``model_marginal`` (one dict,
+            or a list for several Jeffrey terms: ``probs``, ``n``, ``source`` = ``"estimated"`` /
+            ``"cache"`` / ``"given"``, ``cache_key``, ``cache_path``, ``model_evals`` spent on the
+            estimate, which the run's ``model_evals`` does not include; see
+            :class:`~diffsample.guidance.jeffrey.model_marginal.ModelMarginal`).
+    """
+
+    images: Tensor
+    samples: Tensor
+    record: dict[str, Any]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that determine the numbers."""
+    import diffusers
+
+    import diffsample
+
+    return {"diffsample": diffsample.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "python": platform.python_version()}
+
+
+def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", progress: bool = False) -> Sampler:
+    """A :class:`Sampler` from registry specs (``"dpmpp_2m"``, ``"karras:rho=5"``).
+
+    Raises:
+        ValueError: unknown names (the message lists the valid ones), bad options or ``steps < 1``.
+    """
+    return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress)
+
+
+def guidance_terms(model: LoadedModel, guidance: Sequence[str] = (), sampler: Sampler | None = None) -> list[Guidance]:
+    """The guidance terms named in ``guidance``, built for ``model``'s resources. Terms whose
+    factory takes ``sampler`` (CFG++, which needs the grid) receive ``sampler``.
+
+    Raises:
+        ValueError: unknown guidance name, bad options, or a term the model cannot support.
+    """
+    terms = []
+    for spec in guidance:
+        extra = {"sampler": sampler} if sampler is not None and GUIDANCE.accepts(spec, "sampler") else {}
+        terms.append(GUIDANCE.create(spec, resources=model.resources, **extra))
+    return terms
+
+
+def apply_guidance(model: LoadedModel, terms: Sequence[Guidance], cfg_scale: float | None = None) -> Denoiser:
+    """Wrap ``model.denoiser`` with ``terms`` (applied in order), then CFG at ``cfg_scale`` if given.
+
+    Raises:
+        ValueError: ``cfg_scale`` for an unconditional model.
+    """
+    denoiser = model.denoiser
+    for term in terms:
+        denoiser = term(denoiser)
+    if cfg_scale is not None:
+        if not model.resources.conditional:
+            raise ValueError(f"--cfg-scale needs a conditional model; {model.name!r} is unconditional")
+        denoiser = CFG(cfg_scale)(denoiser)
+    return denoiser
+
+
+def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None,
+                 sampler: Sampler | None = None) -> Denoiser:
+    """Wrap ``model.denoiser`` with the guidance terms named in ``guidance`` (applied in order), then
+    CFG at ``cfg_scale`` if given. Terms whose factory takes ``sampler`` (CFG++, which needs the
+    grid) receive ``sampler``. Jeffrey terms are left as given (:func:`generate` fills in a missing
+    model marginal).
+
+    Raises:
+        ValueError: unknown guidance name, bad options, or a term the model cannot support.
+    """
+    return apply_guidance(model, guidance_terms(model, guidance, sampler), cfg_scale)
+
+
+def default_classes(model: LoadedModel, n: int, class_label: int | None) -> Tensor | None:
+    """Class labels per sample: ``class_label`` for all, or ``0, 1, ..., 9, 0, ...`` by sample index
+    (so a default grid shows every digit); ``None`` for unconditional models."""
+    if model.num_classes is None:
+        if class_label is not None:
+            raise ValueError(f"--class needs a class-conditional model; {model.name!r} is unconditional")
+        return None
+    if class_label is not None:
+        if not 0 <= class_label < model.num_classes:
+            raise ValueError(f"class {class_label} is outside 0..{model.num_classes - 1}")
+        return torch.full((n,), class_label, dtype=torch.long)
+    return torch.arange(n) % model.num_classes
+
+
+def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SOLVER, schedule: str = DEFAULT_SCHEDULE,
+             steps: int = DEFAULT_STEPS, guidance: Sequence[str] = (), cfg_scale: float | None = None,
+             class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
+             num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
+             final: str = "zero", progress: bool = False, prompt: str | None = None,
+             negative_prompt: str | None = None, marginal_samples: int = DEFAULT_MARGINAL_SAMPLES,
+             marginal_cache: str | None = None) -> GenerateResult:
+    """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
+
+    The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
+    batched floating-point arithmetic), except under twisted SMC (``jeffrey:particles=K``), whose
+    resampling draws are shared by a batch. All arguments are validated before any sampling.
+
+    Jeffrey guidance (``jeffrey:target=...``) divides by the model marginal ``p_theta(y)`` of the
+    unguided sampler. Without ``model_marginal=`` in the spec it is estimated before sampling
+    (:func:`~diffsample.guidance.jeffrey.model_marginal.model_marginal_for`): ``marginal_samples`` unguided samples
+    with this run's solver, schedule, ``steps`` and ``final`` on the branch the term reweights (the
+    null class of a conditional model), soft-labelled by the term's classifier (for
+    ``variant=conditional``: the classifier's prior on pure noise, no sampling). The estimate uses
+    per-sample seeds ``10**9, 10**9 + 1, ...`` whatever ``seed``, and is cached in
+    ``marginal_cache``, keyed by model (name and weight fingerprint), dtype, sampler, terms below
+    the Jeffrey term, Jeffrey variant / base / estimator, ``marginal_samples`` and seed; a cache hit
+    samples nothing. Its model evaluations are recorded in ``record["model_marginal"]``, not in
+    the run's ``model_evals``. A ``model_marginal=`` given in the spec is used as is.
+
+    Args:
+        model: ``None`` / ``"mnist"`` (bundled), a diffusers model folder, or a :class:`LoadedModel`.
+        solver, schedule: registry specs (``diffsample list``), e.g. ``"unipc_bh2:predictor_order=3"``.
+        steps: grid intervals (>= 1).
+        guidance: guidance specs ``NAME[:key=value,...]`` applied in order.
+        cfg_scale: classifier-free guidance scale (conditional models), or ``None``.
+        class_label: one class for every sample; default: sample index mod ``num_classes``.
+        classes: explicit per-sample classes (overrides ``class_label``).
+        seed, num_samples, batch_size: seeds ``seed .. seed + num_samples - 1``, processed in
+            batches of ``batch_size``.
+        device, dtype: where the network runs; ``dtype`` in ``fp32``, ``fp16``, ``bf16``.
+        final: ``"zero"`` (denoise to sigma = 0) or ``"last"``.
+        prompt, negative_prompt: text for a text-to-image pipeline folder (SD, SDXL, SD3, FLUX,
+            PixArt), sampled with the native loop (:mod:`diffsample.pipelines`).
+        marginal_samples: unguided samples for an estimated Jeffrey model marginal (>= 1).
+        marginal_cache: JSON cache file of estimated model marginals; ``None``: the default
+            (``$DIFFSAMPLE_CACHE_DIR/marginals.json``, else ``~/.cache/diffsample/marginals.json``;
+            :func:`~diffsample.guidance.jeffrey.model_marginal.default_cache_path`); ``""`` or ``"none"``: no cache.
+
+    Raises:
+        ValueError: any bad argument (unknown names list the valid choices); an estimated model
+            marginal that is zero on a class the Jeffrey target gives mass to.
+    """
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
+                        ("marginal_samples", marginal_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    resolve_cache_path(marginal_cache)  # an unusable explicit cache path is bad input, found before sampling
+    sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
+    loaded = model if isinstance(model, (LoadedModel, PipelineModel)) else load_model(model, device=device,
+                                                                                        dtype=DTYPES[dtype])
+    if isinstance(loaded, PipelineModel):
+        from diffsample.run.pipeline_generate import generate_from_pipeline
+
+        return generate_from_pipeline(loaded, prompt=prompt, negative_prompt=negative_prompt, solver=solver,
+                                      schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale, seed=seed,
+                                      num_samples=num_samples, batch_size=batch_size, final=final, dtype=dtype)
+    if prompt is not None:
+        raise ValueError(f"--prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
+    terms = guidance_terms(loaded, guidance, sampler)
+    guided = apply_guidance(loaded, terms, cfg_scale)
+    check_hooks(hooks(guided), sampler.solver)  # e.g. NoiseTilt on a deterministic solver, before any sampling
+    if classes is not None:
+        labels = torch.as_tensor(list(classes), dtype=torch.long)
+        if labels.numel() != num_samples:
+            raise ValueError(f"classes has {labels.numel()} entries for {num_samples} samples")
+    else:
+        labels = default_classes(loaded, num_samples, class_label)
+    loaded.cond(labels)  # validates every label's range before any sampling
+    terms, marginals = fill_model_marginals(terms, list(guidance), loaded, sampler, n=marginal_samples,
+                                            batch_size=batch_size, cache=marginal_cache,
+                                            progress=progress)
+    if any(m.source != "given" for m in marginals):
+        guided = apply_guidance(loaded, terms, cfg_scale)
+    seeds = list(range(seed, seed + num_samples))
+    outputs, nfe, model_evals, events = [], 0, 0.0, {}
+    start = time.perf_counter()
+    for lo in range(0, num_samples, batch_size):
+        batch_seeds = seeds[lo:lo + batch_size]
+        cond = loaded.cond(labels[lo:lo + batch_size] if labels is not None else None)
+        result = sampler(guided, cond=cond, **seeded_run(batch_seeds, loaded.sample_shape, loaded.device))
+        outputs.append(result.x.float().cpu())
+        nfe, model_evals = result.nfe, result.model_evals
+        for key, count in result.events.items():
+            events[key] = events.get(key, 0) + count
+    samples = torch.cat(outputs)
+    record = {
+        "model": loaded.name, "solver": solver, "schedule": schedule, "steps": steps, "final": final,
+        "guidance": list(guidance), "cfg_scale": cfg_scale, "seeds": seeds,
+        "classes": labels.tolist() if labels is not None else None,
+        "nfe": nfe, "model_evals": model_evals, "events": events, "wall_time_s": round(time.perf_counter() - start, 4),
+        "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
+        "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if marginals:
+        entries = [m.to_record() for m in marginals]
+        record["model_marginal"] = entries[0] if len(entries) == 1 else entries
+    return GenerateResult(images=loaded.to_images(samples), samples=samples, record=record)
