@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.core.accounting import add_event, count_events, count_model_evals
 from diffsample.solvers.solver import Grid, NoiseFn, NoiseSchedule, Solver
-from diffsample.solvers.step_schedules import _check_n
+from diffsample.solvers.step_schedules import check_steps
 from diffsample.solvers.transition import use_transition
 
 from diffsample.samplers.twisted_smc import twisted_smc
@@ -94,7 +94,7 @@ class Sampler:
 
     def __post_init__(self) -> None:
         try:
-            _check_n(self.steps)
+            check_steps(self.steps)
         except ValueError:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}") from None
         if self.final not in ("zero", "last"):

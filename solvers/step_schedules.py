@@ -22,7 +22,12 @@ from diffsample.solvers.solver import NoiseSchedule
 from diffsample.solvers.noise_schedules import DiscreteVP, RectifiedFlow
 
 
-def _check_n(n: int) -> int:
+def check_steps(n: int) -> int:
+    """``n`` as an ``int`` when it is an integer >= 1 (bools refused).
+
+    Raises:
+        ValueError: ``n`` is not an integer or is < 1 (the message names the value).
+    """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"number of points must be an integer >= 1, got {n!r}")
     return int(n)
@@ -67,7 +72,7 @@ class TimeUniform:
             raise ValueError(f"spacing must be 'linspace', 'leading' or 'trailing', got {self.spacing!r}")
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
-        n = _check_n(n)
+        n = check_steps(n)
         if isinstance(ns, DiscreteVP):
             big_n = ns.num_train_timesteps
             if self.spacing == "linspace":
@@ -91,7 +96,7 @@ class LambdaUniform:
     sigma_max: float | None = None
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
-        n = _check_n(n)
+        n = check_steps(n)
         lo, hi = _ve_bounds(ns, self.sigma_min, self.sigma_max)
         log_s = torch.linspace(np.log(hi), np.log(lo), n, dtype=torch.float64) if n > 1 else torch.tensor([np.log(hi)], dtype=torch.float64)
         return _from_sigma_ve(ns, torch.exp(log_s))
@@ -111,7 +116,7 @@ class Karras:
             raise ValueError(f"rho must be > 0, got {self.rho}")
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
-        n = _check_n(n)
+        n = check_steps(n)
         lo, hi = _ve_bounds(ns, self.sigma_min, self.sigma_max)
         ramp = torch.linspace(0, 1, n, dtype=torch.float64)
         s = (hi ** (1 / self.rho) + ramp * (lo ** (1 / self.rho) - hi ** (1 / self.rho))) ** self.rho
@@ -132,7 +137,7 @@ class PolyExponential:
             raise ValueError(f"rho must be > 0, got {self.rho}")
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
-        n = _check_n(n)
+        n = check_steps(n)
         lo, hi = _ve_bounds(ns, self.sigma_min, self.sigma_max)
         ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** self.rho
         return _from_sigma_ve(ns, torch.exp(ramp * (np.log(hi) - np.log(lo)) + np.log(lo)))
@@ -176,7 +181,7 @@ class Fixed:
         object.__setattr__(self, "t", tuple(float(v) for v in t))
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
-        n = _check_n(n)
+        n = check_steps(n)
         if n != len(self.t):
             raise ValueError(f"fixed schedule has {len(self.t)} points, cannot produce {n}")
         return torch.tensor(self.t, dtype=torch.float64)
