@@ -148,15 +148,23 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
     from diffsample.run.generate import generate
     from diffsample.run.models import ModelLoadError
 
+    import warnings
+
+    from diffsample.run.generate import SolverSwitched
+
     check_out_dir(out, overwrite)
     try:
-        result = generate(model, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
-                          class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
-                          device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
-                          negative_prompt=negative_prompt, marginal_samples=marginal_samples,
-                          marginal_cache=marginal_cache)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SolverSwitched)  # printed below as one line, from the record
+            result = generate(model, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
+                              class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
+                              device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
+                              negative_prompt=negative_prompt, marginal_samples=marginal_samples,
+                              marginal_cache=marginal_cache)
     except (ValueError, ModelLoadError) as exc:
         fail(str(exc))
+    for note in result.record.get("notes", []):
+        click.echo(note, err=True)
     files = write_outputs(result, out)
     if not quiet:
         rec = result.record

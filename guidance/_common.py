@@ -11,6 +11,7 @@ from torch import Tensor
 from diffsample.solvers.numerics import alpha_sigma, append_dims  # noqa: F401  (alpha_sigma re-exported)
 from diffsample.solvers.solver import NoiseSchedule
 
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser
 
 SPACES = ("x0", "eps", "flow")
@@ -26,11 +27,21 @@ def sigma_ve(noise_schedule: NoiseSchedule, t: Tensor, batch: int) -> Tensor:
 
 class GuidedDenoiser:
     """Base of the denoisers guidance terms return: keeps the inner denoiser, the term (its frozen
-    configuration) and the inner noise schedule."""
+    configuration) and the inner noise schedule. A :class:`~diffsample.guidance.loop_hooks.ChainNode`:
+    subclasses that need something from the sampling loop override :meth:`loop_hooks`."""
 
     def __init__(self, inner: Denoiser, term: Any) -> None:
         self.inner, self.term = inner, term
         self.noise_schedule = inner.noise_schedule
+        self.label = getattr(term, "name", None) or type(term).__name__
+
+    def wrapped(self) -> tuple[Denoiser, ...]:
+        """The denoisers this one calls."""
+        return (self.inner,)
+
+    def loop_hooks(self) -> LoopHooks:
+        """What this denoiser asks of the sampling loop (nothing by default)."""
+        return LoopHooks()
 
 
 def check_space(space: str, who: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -32,6 +34,9 @@ class APG:
         ValueError: ``scale < 0``, ``norm_threshold <= 0``, unknown ``space``; at call time, a
             ``cond`` without a negative branch.
     """
+
+    sets_cfg_scale: ClassVar[bool] = True  # a CFG-family term (docs/design.md: composition)
+    calls_model_branches: ClassVar[bool] = True
 
     scale: float = 7.5
     eta: float = 0.0

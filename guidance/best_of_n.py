@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from diffsample.guidance._common import GuidedDenoiser
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.guidance.rewards import Reward, as_reward, check_reward
 
@@ -41,7 +42,10 @@ class BestOfN:
 
 
 class BestOfNDenoiser(GuidedDenoiser):
-    """Passes calls through; the sampler reads ``chains`` and calls :meth:`score` on final samples."""
+    """Passes calls through; the loop runs ``chains`` chains and keeps the best by :meth:`score`."""
+
+    def loop_hooks(self) -> LoopHooks:
+        return LoopHooks(chains=self.chains, score=self.score)
 
     @property
     def chains(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -30,6 +32,9 @@ class CFG:
         ValueError: ``scale < 0``, ``rescale`` outside ``[0, 1]``, unknown ``space``; at call time,
             a ``cond`` without a negative branch.
     """
+
+    sets_cfg_scale: ClassVar[bool] = True  # a CFG-family term (docs/design.md: composition)
+    calls_model_branches: ClassVar[bool] = True
 
     scale: float = 1.0
     rescale: float = 0.0

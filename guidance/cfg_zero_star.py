@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,9 @@ class CFGZeroStar:
         ValueError: ``scale < 0``, ``zero_init_steps < 0``, unknown ``space``; at call time, a
             ``cond`` without a negative branch.
     """
+
+    sets_cfg_scale: ClassVar[bool] = True  # a CFG-family term (docs/design.md: composition)
+    calls_model_branches: ClassVar[bool] = True
 
     scale: float = 4.0
     zero_init_steps: int = 0

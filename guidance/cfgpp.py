@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -12,6 +12,7 @@ from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Grid
 
 from diffsample.guidance._common import call_both
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser
 
 
@@ -41,6 +42,9 @@ class CFGPlusPlus:
             solver; at call time, no grid, a ``t`` not on the grid, or a cond without negative branch.
     """
 
+    sets_cfg_scale: ClassVar[bool] = True  # a CFG-family term (docs/design.md: composition)
+    calls_model_branches: ClassVar[bool] = True
+
     scale: float = 0.6
     grid: Grid | None = None
     sampler: Any = None
@@ -63,9 +67,19 @@ class CFGPlusPlus:
 
 
 class _CFGPPDenoiser:
+    """CFG++'s guided denoiser on its grid (a chain node without loop hooks)."""
+
+    label = "cfgpp"
+
     def __init__(self, inner: Denoiser, scale: float, grid: Grid | None, eta: float) -> None:
         self.inner, self.scale, self.grid, self.eta = inner, scale, grid, eta
         self.noise_schedule = inner.noise_schedule
+
+    def wrapped(self) -> tuple[Denoiser, ...]:
+        return (self.inner,)
+
+    def loop_hooks(self) -> LoopHooks:
+        return LoopHooks()
 
     def ratio(self, t: float) -> float:
         """``r = s_down / s`` of the Euler step leaving grid time ``t``."""

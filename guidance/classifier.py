@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -106,6 +106,8 @@ class ClassifierGuidance:
         ValueError: unknown estimator / base, the classifier the estimator needs is missing,
             ``scale < 0``; at call time, no label given and none in ``cond``.
     """
+
+    calls_model_branches: ClassVar[bool] = True  # picks the model's branches itself
 
     classifier: Any = None
     clean_classifier: Any = None

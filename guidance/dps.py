@@ -12,6 +12,7 @@ from torch import Tensor
 from diffsample.solvers.solver import Grid
 
 from diffsample.guidance._common import GuidedDenoiser, alpha_sigma, row_norm
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.guidance.reward_grad import check_grad_wrt, reward_grad
 from diffsample.guidance.rewards import Reward, as_reward
@@ -97,6 +98,10 @@ class FreeDoM(DPS):
 
 
 class FreeDoMDenoiser(DPSDenoiser):
+    def loop_hooks(self) -> LoopHooks:
+        """FreeDoM's time travel: the loop redoes steps inside the window."""
+        return LoopHooks(recurrence=self.recurrence)
+
     def recurrence(self, grid: Grid, i: int) -> int:
         """Time-travel repeats of step ``i`` (0 on the step to sigma = 0)."""
         lo, hi = self.term.window

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from diffsample.guidance._common import sigma_ve
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser, Guidance
 
 
@@ -32,6 +33,13 @@ class Interval:
     sigma_lo: float = 0.0
     sigma_hi: float = math.inf
     base: str = "conditional"
+
+    calls_model_branches: ClassVar[bool] = True  # outside the window it calls one model branch itself
+
+    @property
+    def sets_cfg_scale(self) -> bool:
+        """Whether the windowed term is of the CFG family."""
+        return bool(getattr(self.term, "sets_cfg_scale", False))
 
     def __post_init__(self) -> None:
         if self.base not in ("conditional", "unconditional"):
@@ -67,9 +75,18 @@ def with_windowed_term(term: Guidance, new: Guidance) -> Guidance:
 
 
 class _IntervalDenoiser:
+    """The guided denoiser inside the sigma window, the plain one outside (a chain node)."""
+
     def __init__(self, inner: Denoiser, guided: Denoiser, lo: float, hi: float, base: str) -> None:
         self.inner, self.guided, self.lo, self.hi, self.base = inner, guided, lo, hi, base
         self.noise_schedule = inner.noise_schedule
+        self.label = f"interval({lo:g}, {hi:g}]"
+
+    def wrapped(self) -> tuple[Denoiser, ...]:
+        return (self.guided, self.inner)
+
+    def loop_hooks(self) -> LoopHooks:
+        return LoopHooks()
 
     def _plain(self, x: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
         if cond is None:

@@ -33,6 +33,7 @@ from torch import Tensor
 from diffsample.solvers.solver import Grid
 
 from diffsample.guidance._common import GuidedDenoiser
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.guidance.reward_grad import check_grad_wrt, reward_grad
 from diffsample.guidance.rewards import Reward, as_reward
@@ -137,6 +138,10 @@ class NoiseTiltDenoiser(GuidedDenoiser):
             rho = term.strength * matched.clamp(0.0, 1.0)
         rho = torch.where((g_norm > 0) & (cos > 0), rho, torch.zeros_like(rho))
         return rho, cos
+
+    def loop_hooks(self) -> LoopHooks:
+        """NoiseTilt acts through the draw of every stochastic step."""
+        return LoopHooks(transition=self.transition)
 
     def transition(self, mean: Tensor, std: float, grid: Grid, i: int, draw: Callable[[], Tensor]) -> Tensor:
         """``mean + std * (sqrt(rho) W(g) + sqrt(1 - rho) z)`` (``rho = 0``: exactly ``mean + std * z``)."""

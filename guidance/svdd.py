@@ -14,6 +14,7 @@ from diffsample.core.accounting import add_event
 from diffsample.solvers.solver import Grid
 
 from diffsample.guidance._common import GuidedDenoiser
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.guidance.rewards import Reward, as_reward, check_reward
 
@@ -75,6 +76,10 @@ class SVDDDenoiser(GuidedDenoiser):
             if x_c is x and float(t.reshape(-1)[0]) == t_c:
                 return d_c
         return self.inner(x, t, cond)
+
+    def loop_hooks(self) -> LoopHooks:
+        """SVDD acts through the draw of every stochastic step (a search over candidate draws)."""
+        return LoopHooks(transition=self.transition)
 
     def transition(self, mean: Tensor, std: float, grid: Grid, i: int, draw: Callable[[], Tensor]) -> Tensor:
         term, b = self.term, mean.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -12,14 +13,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.guidance import CFG, GUIDANCE
+from diffsample.guidance import GUIDANCE
+from diffsample.guidance.composition import compose
+from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
 from diffsample.guidance.jeffrey.model_marginal import fill_model_marginals, resolve_cache_path
 from diffsample.run.models import LoadedModel, PipelineModel, load_model
-from diffsample.samplers.sampler import Sampler, check_hooks, hooks
+from diffsample.samplers.sampler import Sampler
+from diffsample.samplers.stochastic_variant import solver_for
 from diffsample.samplers.seeds import seeded_run
+
+class SolverSwitched(UserWarning):
+    """A noise-acting guidance term switched a deterministic solver to its stochastic variant."""
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
@@ -79,33 +87,31 @@ def guidance_terms(model: LoadedModel, guidance: Sequence[str] = (), sampler: Sa
     return terms
 
 
-def apply_guidance(model: LoadedModel, terms: Sequence[Guidance], cfg_scale: float | None = None) -> Denoiser:
-    """Wrap ``model.denoiser`` with ``terms`` (applied in order), then CFG at ``cfg_scale`` if given.
+def apply_guidance(model: LoadedModel, terms: Sequence[Guidance], cfg_scale: float | None = None,
+                   labels: Sequence[str] | None = None) -> Denoiser:
+    """``model.denoiser`` wrapped in the composition contract's order: CFG at ``cfg_scale`` (if
+    given), then ``terms`` in order (:func:`~diffsample.guidance.composition.compose`).
 
     Raises:
-        ValueError: ``cfg_scale`` for an unconditional model.
+        ValueError: ``cfg_scale`` for an unconditional model; a nesting the contract refuses (e.g.
+            ``cfg_scale`` with a CFG-family term), named with ``labels``.
     """
-    denoiser = model.denoiser
-    for term in terms:
-        denoiser = term(denoiser)
-    if cfg_scale is not None:
-        if not model.resources.conditional:
-            raise ValueError(f"--cfg-scale needs a conditional model; {model.name!r} is unconditional")
-        denoiser = CFG(cfg_scale)(denoiser)
-    return denoiser
+    if cfg_scale is not None and not model.resources.conditional:
+        raise ValueError(f"--cfg-scale needs a conditional model; {model.name!r} is unconditional")
+    return compose(model.denoiser, terms, cfg_scale, labels)
 
 
 def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: float | None = None,
                  sampler: Sampler | None = None) -> Denoiser:
-    """Wrap ``model.denoiser`` with the guidance terms named in ``guidance`` (applied in order), then
-    CFG at ``cfg_scale`` if given. Terms whose factory takes ``sampler`` (CFG++, which needs the
+    """Wrap ``model.denoiser`` with CFG at ``cfg_scale`` if given, then the guidance terms named in
+    ``guidance`` (applied in order). Terms whose factory takes ``sampler`` (CFG++, which needs the
     grid) receive ``sampler``. Jeffrey terms are left as given (:func:`generate` fills in a missing
     model marginal).
 
     Raises:
         ValueError: unknown guidance name, bad options, or a term the model cannot support.
     """
-    return apply_guidance(model, guidance_terms(model, guidance, sampler), cfg_scale)
+    return apply_guidance(model, guidance_terms(model, guidance, sampler), cfg_scale, [str(g) for g in guidance])
 
 
 def default_classes(model: LoadedModel, n: int, class_label: int | None) -> Tensor | None:
@@ -150,6 +156,10 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     Args:
         model: ``None`` / ``"mnist"`` (bundled), a diffusers model folder, or a :class:`LoadedModel`.
         solver, schedule: registry specs (``diffsample list``), e.g. ``"unipc_bh2:predictor_order=3"``.
+            A guidance term that acts on the noise of stochastic steps (NoiseTilt, SVDD, twisted SMC)
+            switches a deterministic solver to its stochastic variant (``eta=1``), warns once
+            (:class:`SolverSwitched`) and records it: ``record["solver"]`` is the spec that ran,
+            ``record["solver_requested"]`` the one given, ``record["notes"]`` the line.
         steps: grid intervals (>= 1).
         guidance: guidance specs ``NAME[:key=value,...]`` applied in order.
         cfg_scale: classifier-free guidance scale (conditional models), or ``None``.
@@ -190,9 +200,18 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
                                       num_samples=num_samples, batch_size=batch_size, final=final, dtype=dtype)
     if prompt is not None:
         raise ValueError(f"--prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
+    names = [str(g) for g in guidance]
     terms = guidance_terms(loaded, guidance, sampler)
-    guided = apply_guidance(loaded, terms, cfg_scale)
-    check_hooks(hooks(guided), sampler.solver)  # e.g. NoiseTilt on a deterministic solver, before any sampling
+    guided = apply_guidance(loaded, terms, cfg_scale, names)
+    # Terms acting on the noise of stochastic steps switch a deterministic solver to its stochastic variant.
+    solver_spec, note = solver_for(solver, collect_hooks(guided))
+    notes = [] if note is None else [note]
+    if note is not None:
+        warnings.warn(note, SolverSwitched, stacklevel=2)
+        sampler = build_sampler(str(solver_spec), schedule, steps, final=final, progress=progress)
+        terms = guidance_terms(loaded, guidance, sampler)
+        guided = apply_guidance(loaded, terms, cfg_scale, names)
+    collect_hooks(guided).check(sampler.solver)  # hook combinations the loop cannot honour, before any sampling
     if classes is not None:
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         if labels.numel() != num_samples:
@@ -204,7 +223,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
                                             batch_size=batch_size, cache=marginal_cache,
                                             progress=progress)
     if any(m.source != "given" for m in marginals):
-        guided = apply_guidance(loaded, terms, cfg_scale)
+        guided = apply_guidance(loaded, terms, cfg_scale, names)
     seeds = list(range(seed, seed + num_samples))
     outputs, nfe, model_evals, events = [], 0, 0.0, {}
     start = time.perf_counter()
@@ -218,12 +237,12 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
             events[key] = events.get(key, 0) + count
     samples = torch.cat(outputs)
     record = {
-        "model": loaded.name, "solver": solver, "schedule": schedule, "steps": steps, "final": final,
+        "model": loaded.name, "solver": str(solver_spec), "solver_requested": str(solver), "schedule": schedule, "steps": steps, "final": final,
         "guidance": list(guidance), "cfg_scale": cfg_scale, "seeds": seeds,
         "classes": labels.tolist() if labels is not None else None,
         "nfe": nfe, "model_evals": model_evals, "events": events, "wall_time_s": round(time.perf_counter() - start, 4),
         "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
-        "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "notes": notes,
     }
     if marginals:
         entries = [m.to_record() for m in marginals]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffsample.guidance.loop_hooks import RunHooks, collect_hooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.core.accounting import add_event, count_events, count_model_evals
 from diffsample.solvers.solver import Grid, NoiseFn, NoiseSchedule, Solver
@@ -111,7 +112,8 @@ class Sampler:
     def __call__(self, denoiser: Denoiser, noise: Tensor, cond: Cond | None = None, *,
                  noise_fn: NoiseFn | None = None,
                  callback: Callable[[StepInfo], None] | None = None,
-                 chain_noise: Callable[[int], tuple[Tensor, NoiseFn | None]] | None = None) -> SampleResult:
+                 chain_noise: Callable[[int], tuple[Tensor, NoiseFn | None]] | None = None,
+                 hooks: RunHooks | None = None) -> SampleResult:
         """Sample from standard-normal ``noise`` of shape ``(B, *dims)``.
 
         The loop state is kept in at least float32 (fp16/bf16 noise is upcast; the denoiser casts
@@ -119,15 +121,17 @@ class Sampler:
         on the global generator; use :class:`~diffsample.samplers.seeds.SeededNoiseFn` for
         per-sample seeds).
 
-        Guidance terms in the ``denoiser`` chain may hook into the loop (:func:`hooks`):
-        a ``transition`` replaces the draw of every stochastic step (NoiseTilt, SVDD); a
+        Guidance terms in the ``denoiser`` chain declare what they need from the loop
+        (:class:`~diffsample.guidance.loop_hooks.LoopHooks`); ``hooks`` is what the run honours
+        (default: :func:`~diffsample.guidance.loop_hooks.collect_hooks` of ``denoiser``). A
+        ``transition`` replaces the draw of every stochastic step (NoiseTilt, SVDD); a
         ``recurrence(grid, i)`` redoes step ``i`` that many times after re-noising (FreeDoM time
         travel); ``chains`` / ``score`` run that many independent chains and keep the best
         (best-of-N; chain ``k >= 1`` starts from ``chain_noise(k) = (noise, noise_fn)``, default
         fresh ``torch.randn`` draws); a ``twist`` (Jeffrey guidance with ``particles > 1``) runs
         twisted SMC over that many particles per sample (:func:`~diffsample.samplers.twisted_smc.twisted_smc`;
-        particle ``k >= 1`` likewise from ``chain_noise(k)``). ``nfe`` and ``model_evals`` are totals
-        over all of it.
+        particle ``k >= 1`` likewise from ``chain_noise(k)``). ``nfe`` (denoiser calls) and
+        ``model_evals`` (network passes per sample) are totals over all of it.
 
         The loop runs under ``torch.no_grad()``; a term that needs gradients (reward guidance,
         Stein probes) opens ``torch.enable_grad()`` itself.
@@ -138,17 +142,17 @@ class Sampler:
                 solver, more than one transition / best-of-N / twisted term in the chain, or twisted
                 SMC combined with another loop hook.
         """
-        found = hooks(denoiser)
-        check_hooks(found, self.solver)
+        hooks = collect_hooks(denoiser) if hooks is None else hooks
+        hooks.check(self.solver)
         grid = self.grid(denoiser.noise_schedule)
         work_dtype = torch.promote_types(noise.dtype, torch.float32)
-        best = found["chains"][0] if found["chains"] else None
+        best = hooks.best_of
         nfe, best_x, best_r = 0, None, None
         start = time.perf_counter()
         with count_model_evals() as rows, count_events() as events:
-            if found["twist"]:
+            if hooks.twist is not None:
                 x, calls = self._run_smc(denoiser, grid, noise.to(work_dtype), cond, noise_fn, chain_noise, callback,
-                                         found["twist"][0])
+                                         hooks.twist)
                 return SampleResult(x=x, nfe=calls, model_evals=rows[0] / noise.shape[0], grid=grid,
                                     wall_time_s=time.perf_counter() - start, events=dict(events))
             for k in range(best.chains if best is not None else 1):
@@ -158,7 +162,7 @@ class Sampler:
                     noise_k, noise_fn_k = chain_noise(k)
                 else:
                     noise_k, noise_fn_k = torch.randn_like(noise), None
-                x, calls = self._run(denoiser, grid, noise_k.to(work_dtype), cond, noise_fn_k, callback, found)
+                x, calls = self._run(denoiser, grid, noise_k.to(work_dtype), cond, noise_fn_k, callback, hooks)
                 nfe += calls
                 if best is None:
                     best_x = x
@@ -210,7 +214,7 @@ class Sampler:
         return x, calls[0]
 
     def _run(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
-             callback: Callable[[StepInfo], None] | None, found: dict[str, list]) -> tuple[Tensor, int]:
+             callback: Callable[[StepInfo], None] | None, hooks: RunHooks) -> tuple[Tensor, int]:
         """One chain: ``(final x, denoiser calls)``."""
         x = noise * prior_scale(grid)
         if noise_fn is None:
@@ -221,11 +225,10 @@ class Sampler:
         def denoise(x_in: Tensor, t: Tensor) -> Tensor:
             return checked(x_in, t, cond)
 
-        transition = found["transition"][0].transition if found["transition"] else None
-        recurrences = [term.recurrence for term in found["recurrence"]]
+        recurrences = hooks.recurrences
         # No autograd graph by default; guidance terms and Stein probes that need gradients open
         # ``torch.enable_grad()`` locally.
-        with torch.no_grad(), use_transition(transition):
+        with torch.no_grad(), use_transition(hooks.transition):
             state = self.solver.init(x, grid)
             for i in tqdm(range(grid.steps), disable=not self.progress, leave=False, desc="sampling"):
                 current[0] = i
@@ -247,52 +250,3 @@ def renoise(x_next: Tensor, grid: Grid, i: int, noise_fn: NoiseFn) -> Tensor:
     std = math.sqrt(max(grid.sigma_list[i] ** 2 - (ratio * grid.sigma_list[i + 1]) ** 2, 0.0))
     return ratio * x_next + std * noise_fn(grid.sigma_list[i + 1], grid.sigma_list[i])
 
-
-HOOKS = ("transition", "recurrence", "chains", "twist")
-
-
-def hooks(denoiser: Denoiser) -> dict[str, list]:
-    """The guidance terms in ``denoiser``'s wrapper chain (followed through ``.guided`` and
-    ``.inner``) that provide each loop hook in :data:`HOOKS`, outermost first."""
-    found: dict[str, list] = {name: [] for name in HOOKS}
-    stack, seen = [denoiser], set()
-    while stack:
-        d = stack.pop(0)
-        if d is None or id(d) in seen:
-            continue
-        seen.add(id(d))
-        for name in HOOKS:
-            if hasattr(d, name):
-                found[name].append(d)
-        stack += [getattr(d, "guided", None), getattr(d, "inner", None)]
-    return found
-
-
-def stochastic_solvers() -> list[str]:
-    """Registry names of the solvers that are stochastic with their default options."""
-    from diffsample.solvers import SOLVERS
-
-    return [name for name in SOLVERS if getattr(SOLVERS.create(name), "stochastic", False)]
-
-
-def check_hooks(found: dict[str, list], solver: Solver) -> None:
-    """Raise a ``ValueError`` for hook combinations a run cannot honour (see :meth:`Sampler.__call__`)."""
-    for name in ("transition", "chains", "twist"):
-        if len(found[name]) > 1:
-            terms = ", ".join(getattr(d.term, "name", type(d.term).__name__) for d in found[name])
-            raise ValueError(f"at most one guidance term may use the {name} hook per run, got: {terms}")
-    if found["twist"]:
-        others = [name for name in ("transition", "chains", "recurrence") if found[name]]
-        if others:
-            raise ValueError(f"twisted SMC (particles > 1) cannot be combined with a guidance term using the "
-                             f"{others[0]} hook")
-        if not solver.stochastic:
-            raise ValueError(f"twisted SMC (particles > 1) reweights the noise of stochastic steps and solver "
-                             f"{type(solver).__name__} is deterministic; use a stochastic solver: "
-                             f"{', '.join(stochastic_solvers())}, ddim:eta=1")
-    if found["transition"] and not solver.stochastic:
-        term = found["transition"][0].term
-        raise ValueError(
-            f"guidance {getattr(term, 'name', type(term).__name__)!r} acts on the noise of stochastic steps and "
-            f"solver {type(solver).__name__} is deterministic (no noise to tilt); use a stochastic solver: "
-            f"{', '.join(stochastic_solvers())}, ddim:eta=1 or stein-dpm:eta=1")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diffsample.guidance._common import GuidedDenoiser, alpha_sigma
+from diffsample.guidance.loop_hooks import LoopHooks
 from diffsample.guidance.term import Cond
 from diffsample.guidance.classifier import base_cond, check_choice, guided_parts
 
@@ -90,6 +91,10 @@ class TwistedDenoiser(GuidedDenoiser):
     def __init__(self, inner: Any, term: Any) -> None:
         super().__init__(inner, term)
         self.last: TwistRecord | None = None
+
+    def loop_hooks(self) -> LoopHooks:
+        """The loop runs twisted SMC with this denoiser as proposal and twist."""
+        return LoopHooks(twist=self)
 
     @property
     def twist(self) -> TDS:

@@ -86,7 +86,10 @@ def test_cfg_scale_doubles_model_evals(tmp_path):
     (["--solver", "dpmpp_2m:order=7"], "order must be 1, 2 or 3, got 7"),
     (["--solver", "euler:bogus=1"], "bad options for solver 'euler'"),
     (["--prompt", "a cat"], "--prompt needs a text-to-image pipeline"),
-    (["--guidance", "noisetilt"], "is deterministic (no noise to tilt); use a stochastic solver: euler_ancestral"),
+    (["--solver", "heun", "--guidance", "noisetilt"], "deterministic with no stochastic variant; use one of: "
+                                                      "euler_ancestral"),
+    (["--solver", "unipc_bh2", "--guidance", "svdd"], "deterministic with no stochastic variant"),
+    (["--cfg-scale", "7", "--guidance", "cfg"], "--cfg-scale and guidance 'cfg' both set the CFG scale"),
     (["--solver", "euler_ancestral", "--guidance", "noisetilt:strength=1.5"], "strength must be in [0, 1], got 1.5"),
     (["--solver", "euler_ancestral", "--guidance", "svdd:k=0"], "particles (K) must be an integer >= 1, got 0"),
     (["--solver", "euler_ancestral", "--guidance", "best_of_n:n=0"], "N must be an integer >= 1, got 0"),
@@ -110,6 +113,27 @@ def test_main_job_with_noisetilt_records_backward_passes(tmp_path):
     # 1 forward + 1 backward (2) per step, + 2 per Stein probe on the corrected first step (5 probes)
     assert record["model_evals"] == 3 * steps + 10
     assert record["events"]["backward_rows"] == steps * record["num_samples"]
+
+
+def test_headline_command_as_typed_switches_stein_to_its_stochastic_variant(tmp_path):
+    """`diffsample generate --solver stein-dpm --guidance noisetilt` works as typed: NoiseTilt acts on
+    the noise of stochastic steps, so stein-dpm runs with eta=1, says so in one line, and records it;
+    the samples equal an explicit `stein-dpm:eta=1` run."""
+    from PIL import Image
+
+    typed = run("generate", *SMALL, "--solver", "stein-dpm", "--guidance", "noisetilt", "--out", str(tmp_path / "a"))
+    assert typed.exit_code == 0, typed.output
+    assert "runs as its stochastic variant 'stein-dpm:eta=1.0'" in typed.output
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["solver"] == "stein-dpm:eta=1.0" and record["solver_requested"] == "stein-dpm"
+    meta = json.loads(Image.open(tmp_path / "a" / "sample_00000_seed0.png").text["diffsample"])
+    assert meta["solver"] == "stein-dpm:eta=1.0" and meta["guidance"] == ["noisetilt"]
+    explicit = run("generate", *SMALL, "--solver", "stein-dpm:eta=1", "--guidance", "noisetilt", "--out",
+                   str(tmp_path / "b"))
+    assert explicit.exit_code == 0 and "stochastic variant" not in explicit.output
+    for name in ("sample_00000_seed0.png", "sample_00001_seed1.png"):
+        assert (tmp_path / "a" / name).read_bytes() != b"" and \
+            Image.open(tmp_path / "a" / name).tobytes() == Image.open(tmp_path / "b" / name).tobytes()
 
 
 def test_existing_out_dir_with_files_needs_overwrite(tmp_path):
