@@ -3,7 +3,7 @@
 The SteinDiff paper (arXiv 2606.07835, section "contractivity trap") observes that the discrete
 solver map ``T_i: x_i -> x_{i+1}`` is not a contraction at few steps (local Lipschitz constants far
 above 1) and stays above 1 even at 100 steps. This module measures ``||dT_i/dx||_2`` along a
-trajectory, with the solver history frozen (methods-solvers.md section 2.3):
+trajectory, with the solver history frozen (docs/methods/steindiff.md#contractivity-diagnostic):
 
 * ``"power"``: power iteration on ``J^T J`` per sample, ``J v`` and ``J^T w`` by autograd through
   the step's single forward pass (double-backward trick), ``iters`` iterations; converges to the

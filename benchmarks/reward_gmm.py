@@ -1,5 +1,5 @@
-"""NoiseTilt vs DPS on the exactly tilted high-dimensional Gaussian mixture (methods-guidance.md
-section 6.3, Setup B; the same model as tests/guidance/reward_gmm.py).
+"""NoiseTilt vs DPS on the exactly tilted high-dimensional Gaussian mixture
+(docs/methods/gaussian_mixture.md; the same model as tests/guidance/reward_gmm.py).
 
 A 2-D three-component mixture embedded by a random orthonormal U in R^1024 (isotropic std 0.5),
 linear reward r(x) = a^T x with a = U (1, 0.5), temperature lam = 0.7: the exactly tilted target

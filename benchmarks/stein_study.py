@@ -226,7 +226,7 @@ def run_lipschitz(args) -> None:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "steps"}), flush=True)
     md = ["# Contractivity diagnostic: ||J_T||_2 along DPM-Solver++(2M) trajectories\n",
           f"`{' '.join(sys.argv)}` — 2-D 8-mode GMM, EDM (VE 0.002–80, Karras rho 7), batch {args.batch}, "
-          "power iteration (20 its) and secant (8 directions). Toy values of methods-solvers.md S5 in brackets.\n",
+          "power iteration (20 its) and secant (8 directions). Values of an earlier exact numpy computation in brackets.\n",
           "| NFE | p99 (max over steps) | max | steps with p99 > 1 | max rel. gap secant/power (batch max) |", "|---|---|---|---|---|"]
     ref = {6: (8.4, 20.2, "3/6"), 12: (6.0, 6.3, "5/12"), 25: (3.7, 4.7, "13/25"), 50: (2.3, 3.0, "24/50"), 100: (1.63, 1.98, "49/100")}
     for r in rows:

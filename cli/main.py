@@ -1,4 +1,4 @@
-"""``diffsample`` command line: ``generate``, ``sweep`` and ``list`` (DESIGN.md section 6.5)."""
+"""``diffsample`` command line: ``generate``, ``sweep`` and ``list``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Counting model evaluations (``model_evals``, DESIGN.md section 6.3) and run events.
+"""Counting model evaluations (``model_evals``, docs/design.md#nfe-and-model_evals) and run events.
 
 Network adapters call :func:`add_model_evals` with the number of *rows* they pass through the
 network (a CFG call on a doubled batch adds ``2 B``; a VJP pass adds ``2 B`` as it counts as two
@@ -63,7 +63,7 @@ def forward_rows(measured: list[float]) -> float:
 
 def add_backward_evals(forward_rows: float) -> None:
     """Charge one backward (VJP) pass through a forward call that used ``forward_rows`` network rows:
-    ``2 * forward_rows`` model evaluations (DESIGN.md section 6.3), also counted as the event
+    ``2 * forward_rows`` model evaluations (docs/design.md#nfe-and-model_evals), also counted as the event
     ``"backward_rows"`` so forward passes alone can be recovered (``model_evals - 2 * backward``)."""
     add_model_evals(2 * forward_rows, backward=True)
     add_event("backward_rows", int(round(forward_rows)))

@@ -15,7 +15,7 @@ from diffsample.guidance.rewards import Reward, as_reward, check_reward
 
 @dataclass(frozen=True)
 class BestOfN:
-    """Best-of-N selection (methods-guidance.md section 4.6): the sampler runs ``n`` independent
+    """Best-of-N selection (docs/methods/reward_baselines.md#best-of-n): the sampler runs ``n`` independent
     chains of the wrapped (possibly guided) denoiser per sample and keeps, per sample, the final
     sample with the largest ``reward(decode(x0))``. On top of NoiseTilt / DPS / FreeDoM this is
     the "dagger" variant of the NoiseTilt paper (NTRK-dagger, DPS-dagger). Cost: ``n`` times the

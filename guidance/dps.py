@@ -26,7 +26,7 @@ class DPS:
 
     i.e. ``denoised + scale * sigma^2 / alpha * g`` (``score = (alpha D - x) / sigma^2``). For a
     DDPM step this is the mean shift ``x_s = x'_s + zeta_t g`` of the reward form of DPS
-    (methods-guidance.md section 4.1) with ``zeta_t = scale * beta_t / sqrt(alpha_t)``;
+    (docs/methods/reward_baselines.md#dps) with ``zeta_t = scale * beta_t / sqrt(alpha_t)``;
     ``scale = 1 / beta`` is the naive match to the tilted target ``p0 exp(r / beta)``.
     ``normalize=True`` divides ``g`` by ``||g|| / sqrt(N)`` per sample (the norm-normalised step
     of the DPS paper's ``zeta_t = zeta' / ||y - A(x0)||`` rule, in reward form). Works with every
@@ -73,7 +73,7 @@ class FreeDoM(DPS):
     on the steps in ``window`` (fractions of the run, ``(start, stop)``), each step is redone
     ``repeats`` times after re-noising its result back to the step's start,
     ``x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2) z``
-    (methods-guidance.md section 4.2). The sampler runs the repeats; they cost ``1 + repeats``
+    (docs/methods/reward_baselines.md#freedom). The sampler runs the repeats; they cost ``1 + repeats``
     NFE on those steps. The official code's gradient-norm rule for the step size is not
     reproduced: ``scale`` is constant (``normalize=True`` for a norm-normalised step).
 

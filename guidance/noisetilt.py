@@ -6,15 +6,15 @@ through its noise. With ``g = grad_{x_t} r(decode(D(x_t)))`` and the whitening o
 
 ``x_next = mean + std * (sqrt(rho_t) W(g) + sqrt(1 - rho_t) z)``,  ``z ~ N(0, I)``
 
-(methods-guidance.md sections 2.1-2.3, reconstructed from a secondary source: the paper's
-method sections were not available [S]). ``W(g)`` looks like a typical draw of ``N(0, I)``, so the
+(docs/methods/noisetilt.md; the paper's method sections were not available, so this is a
+reconstruction from its published description). ``W(g)`` looks like a typical draw of ``N(0, I)``, so the
 standardized residual ``(x_next - mean) / std`` keeps its chi-square norm.
 
 Tilt strength ``rho_t`` (per sample):
 
 * ``"beta_matched"`` (default): match the mean the linearised optimal kernel of the target
   ``p0(x) exp(r(x) / beta)`` would add along ``g``: ``rho_t = strength * clip(std^2 ||g||^2 /
-  (beta^2 ||w||^2 cos(w, g)^2), 0, 1)`` (methods-guidance.md section 2.5 [D]; ``||w||^2`` in
+  (beta^2 ||w||^2 cos(w, g)^2), 0, 1)`` (diffsample's derivation, docs/methods/noisetilt.md; ``||w||^2`` in
   place of ``N``). It scales like ``1 / N`` by construction;
 * ``"constant"``: ``rho_t = strength``. A dimension-free constant over-tilts catastrophically in
   high dimension (a toy at N = 1024 gave reward 8.8 for a target of 2.6 at rho = 0.001);

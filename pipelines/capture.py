@@ -1,6 +1,6 @@
 """Capture the calls a diffusers pipeline makes to its network, and replay them at other points.
 
-The "they drive" front-end (DESIGN.md section 6.6, ecosystem.md section 1.7 step 4-5): PyTorch
+The "they drive" front-end (docs/design.md#one-attached-pipeline-call): PyTorch
 forward hooks (``register_forward_hook(..., with_kwargs=True)``) on ``pipe.unet`` /
 ``pipe.transformer`` record the arguments and raw output of every call between two
 ``scheduler.step`` calls. A :class:`Replay` then re-evaluates the pipeline's *guided* prediction at
@@ -13,7 +13,7 @@ point). A fit whose relative residual is too large (a non-affine guider, a layou
 locate) raises :class:`ReplayError` instead of producing wrong numbers.
 
 Torch-native hooks live in ``module._forward_hooks``, not in ``module.forward``, so they survive
-``enable_model_cpu_offload`` / accelerate hooks that patch ``forward`` (ecosystem.md section 1.4).
+``enable_model_cpu_offload`` / accelerate hooks that patch ``forward``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``PipelineDenoiser``: a diffsample ``Denoiser`` built from a diffusers pipeline's components.
 
-The "we drive" front-end (DESIGN.md section 6.6): the network call, prompt encoding, initial
+The "we drive" front-end (docs/design.md#one-attached-pipeline-call, last paragraph): the network call, prompt encoding, initial
 latents and decoding reuse the pipeline's own methods (``encode_prompt``, ``prepare_latents``,
 ``vae.decode``, ``image_processor.postprocess``); the loop, the solver, the grid and the guidance are
 ours. One subclass per pipeline family (``ddpm.py``, ``stable_diffusion.py``, ``sdxl.py``, ``sd3.py``,

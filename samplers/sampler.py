@@ -45,7 +45,7 @@ class SampleResult:
         x: final samples ``(B, *dims)`` in native space (at ``sigma = 0`` when ``final="zero"``).
         nfe: denoiser calls (the solver-level count papers report).
         model_evals: network passes per sample in forward-equivalents (CFG doubles; a backward pass
-            counts 2; DESIGN.md section 6.3).
+            counts 2; docs/design.md#nfe-and-model_evals).
         grid: the discretisation used.
         wall_time_s: wall-clock seconds of the loop.
         events: counts of named events during the run, e.g. ``{"stein_fallback": 1}`` when a

@@ -1,5 +1,5 @@
 """Twisted sequential Monte Carlo over any stochastic solver (TDS, Wu et al. 2023, arXiv 2306.17775,
-Algorithm 1; methods-guidance.md section 3.4 "TDS")."""
+Algorithm 1; docs/methods/jeffrey.md#twisted-smc-jeffreyparticlesk)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from diffsample.solvers.transition import sample_kernel
 @dataclass(frozen=True)
 class FlowSDE:
     r"""Reverse SDE of a rectified flow ``x_t = (1 - t) x0 + t eps`` with diffusion ``g_t`` and the
-    flow ODE's marginals (methods-guidance.md section 1.1 [D]; Flow-GRPO, arXiv 2505.05470, eq. 9;
+    flow ODE's marginals (docs/methods/stochastic_steps.md; Flow-GRPO, arXiv 2505.05470, eq. 9;
     Psi-Sampler's ``step``). With ``h = t_i - t_{i+1}``, velocity ``u = (x - D) / t`` and score
     ``s = -(x - (1 - t) D) / t^2``:
 

@@ -87,7 +87,7 @@ def _take_batch(tree: Any, batch: int, n: int) -> Any:
 class SteinDiff:
     r"""SteinDiff correction of any solver (Li & Zeng, ICML 2026, arXiv 2606.07835, Algorithm 1 and
     the reference-free coefficient of its Theorem "stainopt_gamma"; reconstruction and the
-    options' rationale: methods-solvers.md section 2).
+    options' rationale: docs/methods/steindiff.md).
 
     Each step runs the wrapped solver once to get its candidate ``T(x)`` for the state ``x`` at grid
     point ``i`` (history detached and frozen), forms the residual ``u = x - T(x)`` and moves
@@ -212,7 +212,7 @@ class SteinDiff:
         return i < a
 
     def model_evals(self, grid: Grid) -> float:
-        """Network passes per sample of a run, in forward-equivalents (DESIGN.md section 6.3)."""
+        """Network passes per sample of a run, in forward-equivalents (docs/design.md#nfe-and-model_evals)."""
         total = 0.0
         for i in range(grid.steps):
             calls = self.base.nfe(_sub_grid(grid, i))

@@ -1,6 +1,6 @@
 """The explicit Gaussian reverse kernel of every stochastic step, and the hook that may replace its draw.
 
-Every stochastic step of the core solvers is "mean + std * noise" (methods-guidance.md section 1.1):
+Every stochastic step of the core solvers is "mean + std * noise" (docs/methods/stochastic_steps.md):
 
 ``x_next = mean + std * z``,  ``z ~ N(0, I)`` drawn by the run's ``noise_fn``,
 
@@ -9,7 +9,7 @@ the DDIM move to ``sigma_down``, ``std = alpha_next * sigma_up``; DPM-Solver++ S
 ``std = sigma_next * sqrt(1 - e^{-2 eta h})``). Solvers call :func:`sample_kernel` instead of
 adding noise themselves, so methods that change the *transition* -- NoiseTilt (tilted noise),
 SVDD (search over candidate draws) -- plug in here for every stochastic solver without subclassing
-one (DESIGN.md section 2.1, principle 5).
+one (docs/design.md#guidance-term).
 
 A :class:`Transition` is installed for a run with :func:`use_transition` (the sampler does this
 when a guidance term provides one); without one, :func:`sample_kernel` is exactly

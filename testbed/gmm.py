@@ -2,7 +2,7 @@
 diffusers-style eps-model, and a reference probability-flow ODE solution.
 
 Data ``p0 = sum_j pi_j N(mu_j, s_j^2 I)`` in ``D`` dimensions. Under ``x = alpha x0 + sigma eps``
-(methods-solvers.md Appendix A):
+(docs/methods/gaussian_mixture.md):
 
 * ``v_j = alpha^2 s_j^2 + sigma^2``, ``w_j(x) ∝ pi_j N(x; alpha mu_j, v_j I)``,
 * ``D(x) = sum_j w_j (mu_j + alpha s_j^2 / v_j (x - alpha mu_j))``,

@@ -1,8 +1,8 @@
 """Tiny randomly initialised diffusers pipelines, built offline from configs (no hub access).
 
 For tests and the attach-overhead benchmark: every family diffsample adapts, with a few channels,
-byte-level CLIP tokenizers and a character-level Unigram T5 tokenizer built in memory
-(testbed.md, last section). Weights are seeded (``torch.manual_seed(seed)`` before each
+byte-level CLIP tokenizers and a character-level Unigram T5 tokenizer built in memory.
+Weights are seeded (``torch.manual_seed(seed)`` before each
 component), and every component is put in eval mode. Images are 16 x 16 (latents 8 x 8).
 
 ``build(family)`` with ``family`` in :data:`FAMILIES`; ``"ddpm_gmm"`` wraps the exact

@@ -127,7 +127,7 @@ class MarginalEstimate:
 def estimate_marginal(samples: Tensor, classify: Callable[[Tensor], Tensor], kind: str = "soft",
                       batch_size: int = 500) -> MarginalEstimate:
     """Estimate ``p_theta(y)`` from clean model samples ``(n, *dims)``: the mean of
-    ``softmax(classify(x))`` (``kind="soft"``, methods-guidance.md section 3.3) or the histogram of
+    ``softmax(classify(x))`` (``kind="soft"``) or the histogram of
     its argmax (``"hard"``). ``classify`` maps clean samples to logits ``(b, K)``.
 
     Raises:

@@ -1,6 +1,6 @@
 """Twisted diffusion sampling (TDS, Wu et al. 2023, arXiv 2306.17775) settings, and the guided
 denoiser that serves as its proposal and twist for classifier-type guidance (Jeffrey guidance,
-methods-guidance.md section 3.3 option 3 and the section 3.4 pseudocode).
+docs/methods/jeffrey.md#twisted-smc-jeffreyparticlesk).
 
 The particle loop itself (propagate, reweight, resample) belongs to the sampler:
 :func:`diffsample.samplers.twisted_smc.twisted_smc`. This module only provides what a guidance term

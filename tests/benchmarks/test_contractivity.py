@@ -1,5 +1,5 @@
-"""Contractivity diagnostic (methods-solvers.md section 2.3 and test S5): the power-iteration and secant
-estimators against the exact ||J_T||_2 of Appendix A's closed-form GMM Jacobian."""
+"""Contractivity diagnostic (docs/methods/steindiff.md#contractivity-diagnostic; test S5): the power-iteration and secant
+estimators against the exact ||J_T||_2 of the closed-form GMM Jacobian."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Setup B of methods-guidance.md section 6.3: a 2-D Gaussian mixture embedded densely (random
+"""The high-dimensional problem of docs/methods/gaussian_mixture.md: a 2-D Gaussian mixture embedded densely (random
 orthonormal ``U``) in ``R^D`` with an isotropic complement, and a linear reward along ``U a``.
 
 Every quantity the reward-guidance tests compare against is a closed form here: the tilted target

@@ -1,4 +1,4 @@
-"""CFG family on an exact class-conditional Gaussian mixture (methods-guidance.md section 6.5).
+"""CFG family on an exact class-conditional Gaussian mixture (docs/methods/cfg_family.md).
 
 The conditional model is the component ``N(alpha mu_y, ...)`` in closed form, the unconditional
 one the mixture; all expected values are closed forms from :mod:`.gmm_models`.

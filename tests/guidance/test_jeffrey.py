@@ -1,4 +1,4 @@
-"""Jeffrey guidance on exact Gaussian mixtures (methods-guidance.md section 6.4).
+"""Jeffrey guidance on exact Gaussian mixtures (docs/methods/jeffrey.md).
 
 Class = mixture component, so the noisy classifier ``p_t(y | x_t)`` is the exact responsibility
 and the Jeffrey target is the reweighted mixture ``sum_k pi*_k N(mu_k, s_k^2 I)`` in closed form.

@@ -1,4 +1,4 @@
-"""Jeffrey guidance with an embedding target (methods-guidance.md section 6.4, test 8): a linear
+"""Jeffrey guidance with an embedding target (docs/methods/jeffrey.md): a linear
 logistic ratio classifier on feature embeddings and the Tweedie plug-in guidance term.
 
 Exact answers used here:
@@ -74,7 +74,7 @@ def _states(gmm=GMM, n=64, seed=0):
 
 
 def mmd2(x, y):
-    """Unbiased MMD^2 with an RBF kernel at the median bandwidth (methods-guidance.md 6.2)."""
+    """Unbiased MMD^2 with an RBF kernel at the median bandwidth."""
     z = torch.cat([x, y])
     d2 = torch.cdist(z, z).pow(2)
     k = torch.exp(-d2 / d2[d2 > 0].median())

@@ -104,7 +104,7 @@ def test_residuals_keep_their_chi_square_norm(rho, strength, rho_min):
     assert max(float(r.rho.max()) for r in guided.trace) >= rho_min  # the tilt was really on
 
 
-# ---- tilt on the exactly tilted high-dimensional mixture (Setup B, methods-guidance.md 6.3) -------
+# ---- tilt on the exactly tilted high-dimensional mixture (docs/methods/gaussian_mixture.md) -------
 
 @pytest.fixture(scope="module")
 def setup_b():
@@ -308,7 +308,7 @@ def test_registry_specs_and_errors():
 
 
 def test_noisetilt_tilts_the_rectified_flow_sde():
-    """Flow models: the tilted kernel acts on the rectified-flow SDE of methods-guidance.md 1.1."""
+    """Flow models: the tilted kernel acts on the rectified-flow SDE (docs/methods/stochastic_steps.md)."""
     from diffsample.solvers import RectifiedFlow
 
     s = Setup(64)

@@ -1,4 +1,4 @@
-"""Twisted SMC (TDS) for Jeffrey guidance on the exact GMM (methods-guidance.md section 6.4 test 3).
+"""Twisted SMC (TDS) for Jeffrey guidance on the exact GMM (docs/methods/jeffrey.md#twisted-smc-jeffreyparticlesk).
 
 The Tweedie plug-in ``p(y | D(x_t))`` is a biased estimate of ``p_t(y | x_t)``: one guided chain
 under-corrects toward the target proportions. As the twist of twisted SMC it is corrected by
@@ -37,7 +37,7 @@ def _run(term, n, steps=50, solver=None, seed=0, final="zero"):
 def test_tds_removes_the_plugin_bias():
     n = 600
     plain = proportions(assign(GMM, _run(_term(), 4000).x), 3)
-    assert plain[2] < PI_STAR[2] - 0.03  # the plug-in under-corrects (methods-guidance.md 3.8: 0.567)
+    assert plain[2] < PI_STAR[2] - 0.03  # the plug-in under-corrects
     res = _run(_term(TDS(particles=64)), n)
     tds = proportions(assign(GMM, res.x), 3)
     assert within_two_sigma(tds, PI_STAR, n), tds

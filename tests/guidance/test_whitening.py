@@ -1,4 +1,4 @@
-"""The NTRK whitening operator ``W`` (methods-guidance.md sections 2.2 and 2.7 item 1).
+"""The NTRK whitening operator ``W`` (docs/methods/noisetilt.md#the-whitening-operator-w).
 
 Exact-distribution checks: bound tables against Monte Carlo order statistics, outputs against
 N(0, 1) (KS), chi2 / F band energies and the chi2_N norm range. Two checks the reconstruction is

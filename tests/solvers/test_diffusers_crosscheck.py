@@ -1,5 +1,5 @@
 """Our solvers reproduce diffusers' multistep schedulers on the exact GMM eps-model, step for step,
-when given the same timesteps (DESIGN.md section 2.7 cross-check)."""
+when given the same timesteps."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""SteinDiff (arXiv 2606.07835) against closed forms: methods-solvers.md section 2.7, tests S1-S3, S6,
+"""SteinDiff (arXiv 2606.07835) against closed forms (docs/methods/steindiff.md#exact-tests-testssolverstest_steinpy): tests S1-S3, S6,
 plus cost accounting, the three divergence modes and bad input."""
 
 import math
