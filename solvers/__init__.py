@@ -1,53 +1,155 @@
 """Numerics: noise schedules (the process), step schedules (the grid) and solvers (the update).
 
 Registries: :data:`SOLVERS` and :data:`STEP_SCHEDULES`, keyed by the names users know from
-k-diffusion and ComfyUI. Adding a solver = one file plus one ``SOLVERS.add`` line here.
+k-diffusion and ComfyUI (snake_case; older spellings such as ``stein-dpm`` stay as aliases).
+Adding a solver = one file plus one ``SOLVERS.add`` line here. Entries name their class as a
+``"module:Class"`` string, imported when an entry is built, and the classes below are imported on
+first access, so ``from diffsample.solvers import SOLVERS`` (a name check) imports no numerics.
 """
 
-from diffsample.solvers.solver import Denoise, Grid, NoiseFn, NoiseSchedule, Solver
-from diffsample.solvers.dpm_solver import DPMSolverPP
-from diffsample.solvers.euler import Euler
-from diffsample.solvers.flow_sde import FlowSDE
-from diffsample.solvers.heun import Heun
-from diffsample.solvers.noise_schedules import VE, DiscreteVP, LinearVP, RectifiedFlow
+from __future__ import annotations
+
+import importlib
+
 from diffsample.core.registry import Registry, parse_spec
-from diffsample.solvers.stein import SteinDiff
-from diffsample.solvers.step_schedules import FlowShift, Karras, LambdaUniform, PolyExponential, TimeUniform, fixed
-from diffsample.solvers.unipc import UniPC
 
-SOLVERS: Registry[Solver] = Registry("solver")
-SOLVERS.add("euler", Euler, "Euler / DDIM (eta=0), = DPM-Solver++(1); order 1, 1 NFE/step", eta=0.0)
-SOLVERS.add("ddim", Euler, "alias of euler: DDIM with eta=0 (pass eta=... for stochastic DDIM)", eta=0.0)
-SOLVERS.add("euler_ancestral", Euler, "ancestral Euler (eta=1) = DDPM posterior step; stochastic", eta=1.0)
-SOLVERS.add("flow_sde", FlowSDE, "rectified-flow SDE, g = 0.7 sqrt(t/(1-t)) (Flow-GRPO); flow models only; stochastic", noise_level=0.7)
-SOLVERS.add("heun", Heun, "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)")
-SOLVERS.add("dpmpp_2m", DPMSolverPP, "DPM-Solver++(2M) multistep; order 2, 1 NFE/step", order=2)
-SOLVERS.add("dpmpp_3m", DPMSolverPP, "DPM-Solver++(3M) multistep; order 3, 1 NFE/step", order=3)
-SOLVERS.add("dpmpp_2m_sde", DPMSolverPP, "DPM-Solver++(2M) SDE (eta=1, midpoint); stochastic", order=2, eta=1.0)
-SOLVERS.add("dpmpp_3m_sde", DPMSolverPP, "DPM-Solver++(3M) SDE (eta=1); stochastic", order=3, eta=1.0)
-SOLVERS.add("unipc_bh1", UniPC, "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step", predictor_order=2, variant="bh1")
-SOLVERS.add("unipc_bh2", UniPC, "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step", predictor_order=2, variant="bh2")
+_P = "diffsample.solvers."
+
+# ---- option meanings shared by entries --------------------------------------------------------------
+
+_ETA = "noise scale of each step: 0 deterministic (ODE), 1 ancestral / SDE (stochastic)"
+_DPM = {
+    "order": "multistep order: 1 (DDIM), 2 (2M) or 3 (3M)",
+    "eta": _ETA,
+    "solver_type": "second-order term: midpoint (diffusers, k-diffusion) or heun",
+    "lower_order_final": "lower the last two steps to orders 1 and 2 on runs under 15 steps (diffusers)",
+    "third_order": "3M coefficient: taylor (order 3) or reference (the official code's, order 2)",
+}
+_UNIPC = {
+    "predictor_order": "predictor order p (1-3); order p + 1 with the corrector",
+    "variant": "B(h): bh1 (= h) or bh2 (= e^h - 1)",
+    "corrector": "apply the UniC corrector (no extra model call)",
+    "lower_order_final": "cap the predictor order at the steps left (diffusers' rule)",
+}
+_STEIN = {
+    "eta": "noise scale of the DPM-Solver++(2M) base: 0 deterministic, 1 SDE (stochastic)",
+    "probes": "Hutchinson probes per corrected step (>= 1)",
+    "probe_dist": "probe distribution: gaussian or rademacher",
+    "div_mode": "divergence estimate: vjp (backward pass per probe), jvp or finite_diff",
+    "coupling": "what the clean target is: transition (next grid state) or marginal (the paper's x0)",
+    "stats": "gamma from batch means (batch) or per sample (per_sample)",
+    "gamma_min": "lower clip of gamma (None: unbounded)",
+    "gamma_max": "upper clip of gamma (None: unbounded)",
+    "apply_steps": "corrected steps: k (the first k), all or all_but_last",
+    "param_space": "coordinates of the correction: native or edm (x / alpha, VE sigma)",
+    "fd_eps": "finite_diff step, relative to rms(x) (> 0)",
+    "seed": "probe seed (step i uses seed + i; None: torch's global generator)",
+}
+_SIGMA_RANGE = {
+    "sigma_min": "smallest VE sigma of the grid (None: the noise schedule's)",
+    "sigma_max": "largest VE sigma of the grid (None: the noise schedule's)",
+}
 
 
-def _stein_dpm(eta: float = 0.0, **options) -> SteinDiff:
-    return SteinDiff(base=DPMSolverPP(order=2, eta=float(eta)), **options)
+def _stein_dpm(eta: float = 0.0, probes: int = 5, probe_dist: str = "gaussian", div_mode: str = "vjp",
+               coupling: str = "transition", stats: str = "batch", gamma_min: float | None = 0.5,
+               gamma_max: float | None = 2.0, apply_steps: int | str = 1, param_space: str = "native", fd_eps: float = 1e-3,
+               seed: int | None = 0):
+    """SteinDiff over DPM-Solver++(2M) with noise scale ``eta`` (other options: :class:`SteinDiff`)."""
+    from diffsample.solvers.dpm_solver import DPMSolverPP
+    from diffsample.solvers.stein import SteinDiff
+
+    return SteinDiff(DPMSolverPP(order=2, eta=eta), **_stein_options(locals()))
 
 
-SOLVERS.add("stein-dpm", _stein_dpm, "experimental: DPM-Solver++(2M) + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as 2M, +10 model evals; eta=1: the 2M SDE base (stochastic)")
-SOLVERS.add("stein-unipc", SteinDiff, "experimental: UniPC-bh2 + SteinDiff (transition coupling, first step, gamma in [0.5, 2]); nfe as UniPC, +10 model evals", base=UniPC(predictor_order=2, variant="bh2"))
+def _stein_unipc(probes: int = 5, probe_dist: str = "gaussian", div_mode: str = "vjp", coupling: str = "transition",
+                 stats: str = "batch", gamma_min: float | None = 0.5, gamma_max: float | None = 2.0, apply_steps: int | str = 1,
+                 param_space: str = "native", fd_eps: float = 1e-3, seed: int | None = 0):
+    """SteinDiff over UniPC-bh2 (predictor order 2) (options: :class:`SteinDiff`)."""
+    from diffsample.solvers.stein import SteinDiff
+    from diffsample.solvers.unipc import UniPC
+
+    return SteinDiff(UniPC(predictor_order=2, variant="bh2"), **_stein_options(locals()))
+
+
+def _stein_options(values: dict) -> dict:
+    return {k: values[k] for k in ("probes", "probe_dist", "div_mode", "coupling", "stats", "gamma_min", "gamma_max",
+                                   "apply_steps", "param_space", "fd_eps", "seed")}
+
+
+SOLVERS: Registry = Registry("solver")
+SOLVERS.add("euler", _P + "euler:Euler", "Euler / DDIM (eta=0), = DPM-Solver++(1); order 1, 1 NFE/step",
+            aliases=("ddim",), meanings={"eta": _ETA + " (DDIM's eta)"}, eta=0.0)
+SOLVERS.add("euler_ancestral", _P + "euler:Euler", "ancestral Euler (eta=1) = DDPM posterior step; stochastic",
+            meanings={"eta": _ETA}, eta=1.0)
+SOLVERS.add("flow_sde", _P + "flow_sde:FlowSDE",
+            "rectified-flow SDE, g = 0.7 sqrt(t/(1-t)) (Flow-GRPO); flow models only; stochastic",
+            meanings={"noise_level": "g_t = noise_level sqrt(t / (1 - t)); 0 is the flow ODE's Euler step"},
+            noise_level=0.7)
+SOLVERS.add("heun", _P + "heun:Heun", "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)")
+SOLVERS.add("dpmpp_2m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) multistep; order 2, 1 NFE/step",
+            meanings=_DPM, order=2)
+SOLVERS.add("dpmpp_3m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) multistep; order 3, 1 NFE/step",
+            meanings=_DPM, order=3)
+SOLVERS.add("dpmpp_2m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) SDE (eta=1, midpoint); stochastic",
+            meanings=_DPM, order=2, eta=1.0)
+SOLVERS.add("dpmpp_3m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) SDE (eta=1); stochastic",
+            meanings=_DPM, order=3, eta=1.0)
+SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
+            meanings=_UNIPC, predictor_order=2, variant="bh1")
+SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
+            meanings=_UNIPC, predictor_order=2, variant="bh2")
+SOLVERS.add("stein_dpm", _stein_dpm, "experimental: DPM-Solver++(2M) + SteinDiff (transition coupling, first step, "
+            "gamma in [0.5, 2]); nfe as 2M, +10 model evals; eta=1: the 2M SDE base (stochastic)",
+            aliases=("stein-dpm",), meanings=_STEIN)
+SOLVERS.add("stein_unipc", _stein_unipc, "experimental: UniPC-bh2 + SteinDiff (transition coupling, first step, "
+            "gamma in [0.5, 2]); nfe as UniPC, +10 model evals", aliases=("stein-unipc",), meanings=_STEIN)
 
 STEP_SCHEDULES: Registry = Registry("step schedule")
-STEP_SCHEDULES.add("karras", Karras, "Karras rho=7 on the VE sigma (EDM eq. 5)")
-STEP_SCHEDULES.add("exponential", LambdaUniform, "uniform in log VE-sigma (k-diffusion get_sigmas_exponential)")
-STEP_SCHEDULES.add("lambda_uniform", LambdaUniform, "uniform in lambda = half log-SNR (DPM-Solver 'logSNR'); = exponential")
-STEP_SCHEDULES.add("polyexponential", PolyExponential, "k-diffusion polyexponential (rho=1 is exponential)")
-STEP_SCHEDULES.add("linspace", TimeUniform, "uniform in t, diffusers 'linspace' spacing", spacing="linspace")
-STEP_SCHEDULES.add("leading", TimeUniform, "uniform in t, diffusers 'leading' spacing", spacing="leading")
-STEP_SCHEDULES.add("trailing", TimeUniform, "uniform in t, diffusers 'trailing' spacing", spacing="trailing")
-STEP_SCHEDULES.add("flow_shift", FlowShift, "SD3/FLUX shifted time-uniform spacing (rectified flow only), shift=3")
+STEP_SCHEDULES.add("karras", _P + "step_schedules:Karras", "Karras rho=7 on the VE sigma (EDM eq. 5)",
+                   meanings={"rho": "warp exponent (7: EDM; 1: uniform in sigma)", **_SIGMA_RANGE})
+STEP_SCHEDULES.add("exponential", _P + "step_schedules:LambdaUniform",
+                   "uniform in log VE-sigma (k-diffusion get_sigmas_exponential)", meanings=_SIGMA_RANGE)
+STEP_SCHEDULES.add("lambda_uniform", _P + "step_schedules:LambdaUniform",
+                   "uniform in lambda = half log-SNR (DPM-Solver 'logSNR'); = exponential", meanings=_SIGMA_RANGE)
+STEP_SCHEDULES.add("polyexponential", _P + "step_schedules:PolyExponential",
+                   "k-diffusion polyexponential (rho=1 is exponential)",
+                   meanings={"rho": "log sigma follows ramp**rho (1: exponential)", **_SIGMA_RANGE})
+_SPACING = {"spacing": "diffusers timestep spacing: linspace, leading or trailing",
+            "steps_offset": "added to 'leading' timesteps (diffusers' steps_offset)"}
+STEP_SCHEDULES.add("linspace", _P + "step_schedules:TimeUniform", "uniform in t, diffusers 'linspace' spacing",
+                   meanings=_SPACING, spacing="linspace")
+STEP_SCHEDULES.add("leading", _P + "step_schedules:TimeUniform", "uniform in t, diffusers 'leading' spacing",
+                   meanings=_SPACING, spacing="leading")
+STEP_SCHEDULES.add("trailing", _P + "step_schedules:TimeUniform", "uniform in t, diffusers 'trailing' spacing",
+                   meanings=_SPACING, spacing="trailing")
+STEP_SCHEDULES.add("flow_shift", _P + "step_schedules:FlowShift",
+                   "SD3/FLUX shifted time-uniform spacing (rectified flow only), shift=3",
+                   meanings={"shift": "t' = shift t / (1 + (shift - 1) t); FLUX: exp(mu) (> 0)",
+                             "spacing": "the time-uniform grid shifted: linspace or trailing"})
 
-__all__ = [
-    "SOLVERS", "STEP_SCHEDULES", "Denoise", "DPMSolverPP", "DiscreteVP", "Euler", "FlowSDE", "FlowShift", "Grid",
-    "Heun", "Karras", "LambdaUniform", "LinearVP", "NoiseFn", "NoiseSchedule", "PolyExponential",
-    "RectifiedFlow", "Registry", "Solver", "SteinDiff", "TimeUniform", "UniPC", "VE", "fixed", "parse_spec",
-]
+# ---- the numerics, imported on first access ----------------------------------------------------------
+
+_LAZY = {
+    "Denoise": "solver", "Grid": "solver", "NoiseFn": "solver", "NoiseSchedule": "solver", "Solver": "solver",
+    "DPMSolverPP": "dpm_solver", "Euler": "euler", "FlowSDE": "flow_sde", "Heun": "heun",
+    "VE": "noise_schedules", "DiscreteVP": "noise_schedules", "LinearVP": "noise_schedules",
+    "RectifiedFlow": "noise_schedules", "SteinDiff": "stein", "FlowShift": "step_schedules",
+    "Karras": "step_schedules", "LambdaUniform": "step_schedules", "PolyExponential": "step_schedules",
+    "TimeUniform": "step_schedules", "fixed": "step_schedules", "UniPC": "unipc",
+}
+
+__all__ = ["SOLVERS", "STEP_SCHEDULES", "Registry", "parse_spec", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'diffsample.solvers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_P + module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -70,7 +70,7 @@ def test_registry_options():
     assert parse_spec("jeffrey:target=0:0.5,1:0.5,scale=2") == ("jeffrey", {"target": "0:0.5,1:0.5", "scale": 2})
     with pytest.raises(ValueError, match="expected key=value"):
         parse_spec("cfg:2.5")
-    with pytest.raises(ValueError, match="bad options for solver 'euler'"):
+    with pytest.raises(ValueError, match="unknown option 'nope' for solver 'euler'; valid: eta=0.0"):
         SOLVERS.create("euler:nope=1")
 
 
