@@ -1,6 +1,6 @@
 """``attach(pipe, ...)`` / ``detach(pipe)``: run diffsample solvers inside any diffusers pipeline.
 
-The "they drive" front-end (DESIGN.md section 6.6): the pipeline keeps its own loop (prompt
+The "they drive" front-end (docs/design.md#one-attached-pipeline-call): the pipeline keeps its own loop (prompt
 encoding, CFG batching, callbacks, decoding); :func:`attach` swaps ``pipe.scheduler`` for a
 :class:`~diffsample.pipelines.scheduler_shim.DiffSampleScheduler` and hooks ``pipe.unet`` /
 ``pipe.transformer`` so solvers that need another evaluation inside ``step`` (multi-stage,
@@ -21,7 +21,11 @@ from typing import Any
 
 from torch import nn
 
+from diffsample.core.spec import Spec
 from diffsample.guidance import GUIDANCE, Resources
+from diffsample.guidance.composition import check_composition
+from diffsample.guidance.loop_hooks import term_hooks
+from diffsample.samplers.stochastic_variant import switch_for_noise_terms
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.solver import Solver
 
@@ -54,9 +58,13 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
             a solver object.
         schedule: ``None`` -- the grid the pipeline's own scheduler would use (same timesteps);
             a ``STEP_SCHEDULES`` spec (``"karras"``) or a step-schedule callable.
-        guidance: guidance terms (objects, or registry specs built with empty resources) applied
-            to the pipeline's guided prediction inside ``step`` (e.g. ``ClassifierGuidance`` with
-            ``estimator="tweedie"``); each re-evaluates the network through the captured calls.
+        guidance: guidance terms (objects, or registry specs) applied, in order, to the pipeline's
+            CFG-guided prediction inside ``step`` (the composition contract: model -> CFG -> terms);
+            each re-evaluates the network through the captured calls. Their loop hooks are honoured
+            as in the native loop: a ``transition`` (NoiseTilt, SVDD) replaces the draw of every
+            stochastic step, a ``recurrence`` (FreeDoM) redoes steps. A noise-acting term given a
+            deterministic solver spec with a stochastic variant switches it to ``eta=1`` with a
+            :class:`~diffsample.samplers.stochastic_variant.SolverSwitched` warning.
         seed: seed of the noise stochastic solvers draw when the pipeline passes no generator.
 
     ``pipe.scheduler.report()`` gives ``nfe`` and ``model_evals`` of the last run. The shim works
@@ -64,9 +72,11 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
 
     Raises:
         ValueError: no ``scheduler``, no ``unet`` / ``transformer``, already attached, an unknown
-            solver / schedule / guidance name or prediction type; a solver or guidance that
-            re-evaluates the network while the network is not a hookable ``nn.Module``
-            (the message recommends the native loop).
+            solver / schedule / guidance name or prediction type; a term that runs several chains
+            (best-of-N, twisted SMC: the pipeline's loop runs one; use the native loop); a
+            noise-acting term with a deterministic solver that has no stochastic variant; a solver or
+            guidance that re-evaluates the network while the network is not a hookable
+            ``nn.Module`` (the message recommends the native loop). All before any sampling.
     """
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
@@ -75,22 +85,32 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
     if isinstance(scheduler, DiffSampleScheduler):
         raise ValueError("a diffsample scheduler is already attached; call diffsample.detach(pipe) first")
     denoisers = find_denoisers(pipe)
-    solver_obj = SOLVERS.create(solver) if isinstance(solver, str) else solver
-    schedule_obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, str) else schedule
-    terms = tuple(GUIDANCE.create(g, resources=Resources()) if isinstance(g, str) else g for g in guidance)
-    shim = DiffSampleScheduler.from_config(scheduler.config, solver=solver if isinstance(solver, str) else "dpmpp_2m",
-                                           schedule=schedule if isinstance(schedule, str) else None,
+    terms = tuple(GUIDANCE.create(g, resources=Resources()) if isinstance(g, (str, Spec)) else g for g in guidance)
+    labels = [str(g) if isinstance(g, (str, Spec)) else type(g).__name__ for g in guidance]
+    schedule_obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
+    check_composition(terms, None, labels)
+    hooks = term_hooks(terms, None)  # what the terms ask of the loop; nothing is evaluated
+    several = [name for name in ("chains", "twist") if name in hooks.used()]
+    if several:
+        raise ValueError(f"guidance {', '.join(labels)} runs several chains per sample ({several[0]} hook), but a "
+                         "pipeline's own loop runs one; " + NATIVE_LOOP_HINT)
+    if isinstance(solver, (str, Spec)):
+        spec = switch_for_noise_terms(solver, hooks)
+        solver_obj = SOLVERS.create(str(spec))
+    else:
+        spec, solver_obj = None, solver
+    shim = DiffSampleScheduler.from_config(scheduler.config, solver=str(spec) if spec is not None else "dpmpp_2m",
+                                           schedule=str(schedule) if isinstance(schedule, (str, Spec)) else None,
                                            base_scheduler=type(scheduler).__name__, seed=seed)
-    shim._solver_obj, shim._schedule_obj, shim._guidance = solver_obj, schedule_obj, terms
-    shim._grid_source = scheduler
     process = shim.process  # validates the prediction type / process now, not mid-run
+    hooks.check(solver_obj)
     hookable = {name: m for name, m in denoisers.items() if isinstance(m, nn.Module)}
     if needs_replay(solver_obj, terms, process) and len(hookable) != len(denoisers):
         raise ValueError(f"{type(solver_obj).__name__}{' with guidance' if terms else ''} re-evaluates the network "
                          f"inside step, but the call arguments of {', '.join(sorted(set(denoisers) - set(hookable)))} "
                          "cannot be captured (not a torch nn.Module); " + NATIVE_LOOP_HINT)
-    shim._capture = DenoiserCapture(hookable) if hookable else None
-    shim._original = scheduler
+    shim.bind(solver=solver_obj, schedule=schedule_obj, guidance=terms, grid_source=scheduler,
+              capture=DenoiserCapture(hookable) if hookable else None, original=scheduler)
     pipe.scheduler = shim
     return shim
 
@@ -102,12 +122,7 @@ def detach(pipe: Any) -> Any:
         ValueError: nothing is attached to ``pipe``.
     """
     shim = getattr(pipe, "scheduler", None)
-    if not isinstance(shim, DiffSampleScheduler) or shim._original is None:
+    if not isinstance(shim, DiffSampleScheduler) or not shim.bound:
         raise ValueError(f"no diffsample scheduler is attached to this {type(pipe).__name__}")
-    if shim._capture is not None:
-        shim._capture.remove()
-        shim._capture = None
-    original = shim._original
-    shim._original = None
-    pipe.scheduler = original
-    return original
+    pipe.scheduler = shim.unbind()
+    return pipe.scheduler

@@ -9,9 +9,15 @@ so; a solver without one (Heun, UniPC) is refused before sampling.
 
 from __future__ import annotations
 
+import warnings
+
 from diffsample.core.spec import Spec
 from diffsample.guidance.loop_hooks import RunHooks, stochastic_solver_names
 from diffsample.solvers import SOLVERS
+
+
+class SolverSwitched(UserWarning):
+    """A noise-acting guidance term switched a deterministic solver to its stochastic variant."""
 
 
 def stochastic_variant(spec: str | Spec) -> Spec | None:
@@ -48,3 +54,15 @@ def solver_for(spec: str | Spec, hooks: RunHooks) -> tuple[Spec, str | None]:
                          f"deterministic with no stochastic variant; use one of: {stochastic_solver_names()}")
     return variant, (f"guidance {term!r} acts on the noise of stochastic steps: solver {str(spec)!r} runs as its "
                      f"stochastic variant {str(variant)!r}")
+
+
+def switch_for_noise_terms(spec: str | Spec, hooks: RunHooks) -> Spec:
+    """:func:`solver_for`, warning once (:class:`SolverSwitched`, the one-line note) when it switches.
+
+    Raises:
+        ValueError: as :func:`solver_for`.
+    """
+    resolved, note = solver_for(spec, hooks)
+    if note is not None:
+        warnings.warn(note, SolverSwitched, stacklevel=3)
+    return resolved
