@@ -190,7 +190,29 @@ class Solver(Protocol):
         i: int,
         state: SolverState,
         noise_fn: NoiseFn | None = None,
-    ) -> tuple[Tensor, SolverState]: ...
+    ) -> tuple[Tensor, SolverState]:
+        """Advance ``x`` (shape ``(B, *dims)``, native space, at grid point ``i``) to point ``i + 1``.
+
+        Denoiser calls: ``denoise(x_eval, t)`` with ``t`` of shape ``(B,)`` in the noise schedule's
+        time; a single-stage solver calls it once, at ``(x, grid.t[i])``, before anything else (the
+        scheduler shim relies on this to hand the pipeline's own prediction back); a multi-stage one
+        (Heun) also at intermediate points; a corrector (SteinDiff) adds probe calls. A full run makes
+        exactly :meth:`nfe` calls. ``denoise`` is never called at ``sigma = 0``.
+
+        Noise: only a ``stochastic`` solver consumes ``noise_fn``, and only through
+        :func:`~diffsample.solvers.transition.sample_kernel` (once per step whose kernel has
+        ``std > 0``), so a guidance term's transition hook can replace the draw. A deterministic
+        solver never calls ``noise_fn``. ``tests/solvers/test_protocol.py`` checks both over every
+        registered solver.
+
+        Returns:
+            ``(x_next, state)``: the sample at point ``i + 1`` (shape of ``x``) and the state to
+            pass to the next call.
+
+        Raises:
+            ValueError: a stochastic solver called without ``noise_fn``.
+        """
+        ...
 
     def nfe(self, grid: Grid) -> int:
         """Denoiser calls a full run over ``grid`` makes."""
