@@ -1,11 +1,19 @@
-"""``diffsample`` command line: ``generate``, ``sweep`` and ``list``."""
+"""``diffsample`` command line: ``generate``, ``sweep`` and ``list``.
+
+Importing this module imports click and the command definitions only; registries, torch and the
+samplers are imported when a command runs (``diffsample --help`` stays fast, and a misspelt name is
+refused before any numerics load).
+"""
 
 from __future__ import annotations
 
 import click
 
 from diffsample.cli.generate_cmd import generate_cmd
+from diffsample.cli.options import REGISTRIES, registry
 from diffsample.cli.sweep_cmd import sweep_cmd
+
+_KIND = {"solvers": "solver", "schedules": "step schedule", "guidance": "guidance term", "rewards": "reward"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,26 +25,67 @@ def main() -> None:
     Examples:
       diffsample generate                                  # bundled MNIST model, 16 samples
       diffsample generate --solver unipc_bh2 --steps 10 --class 3 --cfg-scale 1.5
-      diffsample generate --solver stein-dpm:eta=1 --guidance noisetilt:beta=0.25
+      diffsample generate --solver stein_dpm:eta=1 --guidance noisetilt:beta=0.25
       diffsample sweep --solver dpmpp_2m --solver unipc_bh2 --steps 5,10,20 --out sweeps/a
       diffsample list
+      diffsample list noisetilt
     """
 
 
 @main.command("list")
-@click.argument("what", required=False, type=click.Choice(["solvers", "schedules", "guidance", "rewards"]))
+@click.argument("what", required=False, metavar="[solvers|schedules|guidance|rewards|NAME]")
 def list_cmd(what: str | None) -> None:
-    """Print the registered solvers, step schedules, guidance terms and rewards, one line each."""
-    from diffsample.guidance import GUIDANCE, REWARDS
-    from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+    """Print the registered solvers, step schedules, guidance terms and rewards, one line each
+    (aliases say what they stand for); with NAME, that entry's summary, aliases and every option
+    with its default and meaning.
 
-    sections = {"solvers": SOLVERS, "schedules": STEP_SCHEDULES, "guidance": GUIDANCE, "rewards": REWARDS}
-    for name, registry in sections.items():
-        if what not in (None, name):
-            continue
-        click.echo(f"{name}:")
-        for key in registry.names():
-            click.echo(f"  {key:<18s} {registry.summary(key)}")
+    \b
+    Spec syntax: NAME[:key=value,...]; a value holding commas is bracketed:
+      jeffrey:target=[0:0.5,1:0.5]   noisetilt:reward=(class_logp:label=3),beta=0.5
+    """
+    if what is None or what in REGISTRIES:
+        for word in REGISTRIES:
+            if what in (None, word):
+                _print_registry(word)
+        return
+    found = [(word, registry(word)) for word in REGISTRIES]
+    found = [(word, reg) for word, reg in found if what in reg]
+    if not found:
+        words = [*REGISTRIES] + [n for word in REGISTRIES for n in _names_and_aliases(registry(word))]
+        raise click.BadParameter(f"unknown name {what!r}; valid: {', '.join(words)}", param_hint="NAME")
+    for k, (word, reg) in enumerate(found):
+        if k:
+            click.echo()
+        _print_entry(word, reg, what)
+
+
+def _names_and_aliases(reg) -> list[str]:
+    return [n for name in reg.names() for n in (name, *reg.aliases(name))]
+
+
+def _print_registry(word: str) -> None:
+    reg = registry(word)
+    click.echo(f"{word}:")
+    for name in reg.names():
+        click.echo(f"  {name:<18s} {reg.summary(name)}")
+        for alias in reg.aliases(name):
+            click.echo(f"  {alias:<18s} alias of {name}")
+
+
+def _print_entry(word: str, reg, name: str) -> None:
+    canonical = reg.canonical(name)
+    title = f"{name} ({_KIND[word]}" + (f", alias of {canonical})" if canonical != name else ")")
+    click.echo(f"{title}: {reg.summary(canonical)}")
+    aliases = reg.aliases(canonical)
+    click.echo(f"aliases: {', '.join(aliases) if aliases else '(none)'}")
+    options = reg.options(canonical)
+    if not options:
+        click.echo("options: (none)")
+        return
+    click.echo("options:")
+    width = max(len(str(o)) for o in options)
+    for o in options:
+        click.echo(f"  {str(o):<{width}s}  {o.meaning}")
 
 
 main.add_command(generate_cmd)

@@ -8,20 +8,37 @@ from typing import Any
 import click
 
 
+# registry word -> (module, attribute); a registry is imported only when a command needs it, and
+# importing one imports no guidance, pipeline or diffusers module (entries are lazy factories).
+REGISTRIES = {
+    "solvers": ("diffsample.solvers", "SOLVERS"),
+    "schedules": ("diffsample.solvers", "STEP_SCHEDULES"),
+    "guidance": ("diffsample.guidance", "GUIDANCE"),
+    "rewards": ("diffsample.guidance.rewards", "REWARDS"),
+}
+
+
+def registry(word: str) -> Any:
+    """The registry called ``word`` (a key of :data:`REGISTRIES`), imported on demand."""
+    import importlib
+
+    module, attr = REGISTRIES[word]
+    return getattr(importlib.import_module(module), attr)
+
+
 def registry_spec(registry_name: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback checking ``name[:k=v,...]`` specs against a registry (``solvers``,
-    ``schedules`` or ``guidance``); a bad spec is a usage error (exit code 2) listing valid names."""
+    ``schedules`` or ``guidance``): the name (listing valid names), and the option keys and value
+    types where options are given. A bad spec is a usage error (exit code 2). Imports only that
+    registry; checking a name imports no factory."""
 
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        from diffsample.guidance import GUIDANCE
-        from diffsample.solvers import SOLVERS, STEP_SCHEDULES
-
-        registry = {"solvers": SOLVERS, "schedules": STEP_SCHEDULES, "guidance": GUIDANCE}[registry_name]
+        reg = registry(registry_name)
         for spec in (value if isinstance(value, tuple) else (value,)):
             if spec is None:
                 continue
             try:
-                registry.check(spec)
+                reg.check(spec)
             except ValueError as exc:
                 raise click.BadParameter(str(exc)) from None
         return value

@@ -5,8 +5,10 @@ decoder for latent models -- and the run's conditioning to one value per sample,
 higher is better. Reward-guidance terms (:mod:`.noisetilt`, :mod:`.dps`, :mod:`.svdd`, best-of-N)
 call it on the Tweedie estimate ``D(x_t)`` and, for gradient methods, differentiate it.
 
-Registry: :data:`REWARDS` (``"class_logp:label=3"``, ``"ink"``); any Python callable
-``(x0) -> (B,)`` or ``(x0, cond) -> (B,)`` becomes a reward with :func:`as_reward`.
+Registry: :data:`REWARDS` (``"class_logp:label=3"``, ``"ink"``; ``diffsample list rewards``); any
+Python callable ``(x0) -> (B,)`` or ``(x0, cond) -> (B,)`` becomes a reward with :func:`as_reward`.
+Inside a guidance spec a reward with options is bracketed:
+``noisetilt:reward=(class_logp:label=3,classifier=clean),beta=0.5``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from diffsample.core.registry import Registry
+from diffsample.core.spec import Spec
 
 from diffsample.guidance._common import class_log_prob, target_labels
 from diffsample.guidance.term import Cond, Resources
@@ -150,7 +153,7 @@ class Ink:
         return ((x0 - self.low) / (self.high - self.low)).flatten(1).mean(1)
 
 
-def _class_logp(resources: Resources, label=None, classifier: str = "noisy", t0: float = 0.0) -> Reward:
+def _class_logp(resources: Resources, label: int | None = None, classifier: str = "noisy", t0: float = 0.0) -> Reward:
     model = resources.classifier if classifier == "noisy" else resources.clean_classifier
     if classifier not in ("noisy", "clean"):
         raise ValueError(f"class_logp: unknown classifier {classifier!r}; valid: noisy, clean")
@@ -160,23 +163,32 @@ def _class_logp(resources: Resources, label=None, classifier: str = "noisy", t0:
     return ClassLogProb(model, classifier, None if label is None else int(label), float(t0))
 
 
-REWARDS: Registry[Reward] = Registry("reward")
-REWARDS.add("class_logp", _class_logp, "log p(label | x0) under the model's noise-aware (default) or clean classifier")
-REWARDS.add("ink", lambda resources, low=-1.0, high=1.0: Ink(float(low), float(high)),
-            "mean ink / stroke mass in [0, 1] (pixels in [low, high])")
+def _ink(resources: Resources, low: float = -1.0, high: float = 1.0) -> Reward:
+    return Ink(low, high)
 
 
-def reward_from_spec(spec: str | Reward | Callable[..., Tensor], resources: Resources) -> Reward:
-    """A reward from a registry spec (``"class_logp:label=3;classifier=clean"``: options separated
-    by ``;`` inside a guidance spec, since ``,`` separates the guidance options) or a callable.
+REWARDS: Registry[Reward] = Registry("reward", context=("resources",))
+REWARDS.add("class_logp", _class_logp, "log p(label | x0) under the model's noise-aware (default) or clean classifier",
+            meanings={"label": "target class (None: each sample's own class label)",
+                      "classifier": "noisy (noise-aware, evaluated at t0) or clean (on x0)",
+                      "t0": "schedule time at which the noise-aware classifier is evaluated"})
+REWARDS.add("ink", _ink, "mean ink / stroke mass in [0, 1] (pixels in [low, high])",
+            meanings={"low": "pixel value of no ink", "high": "pixel value of full ink (> low)"})
+
+
+def reward_from_spec(spec: str | Spec | Reward | Callable[..., Tensor], resources: Resources) -> Reward:
+    """A reward from a registry spec -- ``"class_logp:label=3,classifier=clean"`` (bracketed inside a
+    guidance spec: ``reward=(class_logp:label=3,classifier=clean)``; the older ``;``-separated
+    ``class_logp:label=3;classifier=clean`` is read too) or a :class:`Spec` -- or a callable.
 
     Raises:
         ValueError: unknown reward name (listing the valid ones), bad options, missing resources.
     """
-    if not isinstance(spec, str):
+    if isinstance(spec, str):
+        spec = Spec.parse(spec, separators=",;")
+    if not isinstance(spec, Spec):
         return as_reward(spec)
-    name, _, rest = spec.partition(":")
-    return REWARDS.create(name + (":" + rest.replace(";", ",") if rest else ""), resources=resources)
+    return REWARDS.create(spec, resources=resources)
 
 
 # ---- optional rewards with external weights (local files only) ------------------------------------
@@ -275,9 +287,24 @@ class Aesthetic:
         return self.head(torch.nn.functional.normalize(image, dim=-1)).squeeze(1)
 
 
-REWARDS.add("clip_score", lambda resources, clip=None, prompt="", scale=100.0: ClipScore(clip, str(prompt), scale),
-            "100 cos(CLIP image, CLIP text) from a local CLIP folder: clip=FOLDER;prompt=TEXT")
-REWARDS.add("pickscore", lambda resources, clip=None, prompt="": ClipScore(clip, str(prompt), None, "pickscore"),
-            "PickScore (CLIP with the model's logit scale) from a local folder: clip=FOLDER;prompt=TEXT")
-REWARDS.add("aesthetic", lambda resources, clip=None, head=None: Aesthetic(clip, head),
-            "LAION aesthetic MLP on CLIP image embeddings, local files: clip=FOLDER;head=FILE.safetensors")
+def _clip_score(resources: Resources, clip: str | None = None, prompt: str = "", scale: float | None = 100.0) -> Reward:
+    return ClipScore(clip, prompt, scale)
+
+
+def _pickscore(resources: Resources, clip: str | None = None, prompt: str = "") -> Reward:
+    return ClipScore(clip, prompt, None, "pickscore")
+
+
+def _aesthetic(resources: Resources, clip: str | None = None, head: str | None = None) -> Reward:
+    return Aesthetic(clip, head)
+
+
+_CLIP = "local CLIP model folder (transformers CLIPModel, safetensors); nothing is downloaded"
+_PROMPT = "text the image is scored against (bracket it if it holds commas: prompt=[a cat, a hat])"
+REWARDS.add("clip_score", _clip_score, "100 cos(CLIP image, CLIP text) from a local CLIP folder: clip=FOLDER,prompt=TEXT",
+            meanings={"clip": _CLIP, "prompt": _PROMPT, "scale": "multiplier of the cosine (None: the model's logit scale)"})
+REWARDS.add("pickscore", _pickscore, "PickScore (CLIP with the model's logit scale) from a local folder: "
+            "clip=FOLDER,prompt=TEXT", meanings={"clip": "local PickScore CLIP folder (safetensors)", "prompt": _PROMPT})
+REWARDS.add("aesthetic", _aesthetic, "LAION aesthetic MLP on CLIP image embeddings, local files: "
+            "clip=FOLDER,head=FILE.safetensors",
+            meanings={"clip": _CLIP, "head": "the aesthetic MLP head weights (FILE.safetensors)"})
