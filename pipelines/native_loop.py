@@ -1,5 +1,20 @@
 """The native loop over a diffusers pipeline ("we drive"): encode with the pipeline, sample with
-our :class:`~diffsample.samplers.sampler.Sampler`, decode with the pipeline."""
+our :class:`~diffsample.samplers.sampler.Sampler`, decode with the pipeline.
+
+Guidance nesting (the same on every path -- ``sample_pipeline``, ``diffsample generate --model
+FOLDER``, ``attach``)::
+
+    model -> CFG (the pipeline's cfg_scale, or ONE CFG-family term) -> the other terms, in order
+
+The CFG step is either the pipeline's classifier-free guidance at ``cfg_scale`` (``None``: the
+pipeline's default; applied when > 1, as the pipelines do) or one CFG-family term (``cfg``,
+``cfg_rescale``, ``apg``, ``cfg_zero_star``, ``cfgpp``), which *replaces* it: the default scale is
+not applied under it, and an explicit ``cfg_scale`` with it is refused (give the scale in the term,
+``cfg_rescale:scale=7.5``). Text-to-image pipelines are conditional (their negative / empty-prompt
+branch is the unconditional one), so the CFG family is built for them
+(:func:`~diffsample.pipelines.resources.pipeline_resources`). Under ``attach`` the pipeline's own
+loop does the CFG step, and CFG-family terms are refused there.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffsample.guidance import CFG, GUIDANCE, Resources
+from diffsample.guidance.composition import compose
 from diffsample.samplers.sampler import SampleResult, Sampler
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.solver import NoiseFn, Solver
 
 from diffsample.pipelines.pipeline_denoiser import PipelineDenoiser
 from diffsample.pipelines.process import PipelineGrid, grid_from_schedule, grid_from_scheduler
+from diffsample.pipelines.resources import build_terms, native_cfg_scale
 
 
 @dataclass(frozen=True)
@@ -28,24 +44,37 @@ class PipelineSample:
         latents: final latents ``(B, ...)`` in the pipeline's latent layout (packed for FLUX).
         result: the run's :class:`SampleResult` (``nfe``, ``model_evals``, grid, wall time).
         grid: where the network was evaluated, and the scheduler timesteps of those points.
+        cfg_scale: the classifier-free guidance scale applied below the guidance terms, ``None``
+            when none was (scale <= 1, or a CFG-family term in its place).
     """
 
     images: Tensor | None
     latents: Tensor
     result: SampleResult
     grid: PipelineGrid
+    cfg_scale: float | None = None
 
 
-def guided_denoiser(denoiser: PipelineDenoiser, cfg_scale: float | None = None, guidance: Sequence[Any] = ()):
-    """``denoiser`` with CFG at ``cfg_scale`` (when > 1, as the pipelines do), then the ``guidance``
-    terms in order (objects or registry specs) -- the same nesting as :func:`diffsample.attach`,
-    where the terms wrap the pipeline's CFG-guided prediction."""
-    guided: Any = denoiser
-    if cfg_scale is not None and cfg_scale > 1.0:
-        guided = CFG(cfg_scale)(guided)
-    for term in guidance:
-        guided = (GUIDANCE.create(term, resources=Resources()) if isinstance(term, str) else term)(guided)
-    return guided
+def guided_denoiser(denoiser: PipelineDenoiser, cfg_scale: float | None = None, guidance: Sequence[Any] = (),
+                    *, sampler: Any = None):
+    """``denoiser`` in the module's nesting order: CFG at ``cfg_scale`` (``None``: the adapter's
+    ``default_cfg_scale``; applied when > 1) or one CFG-family term in its place, then the other
+    ``guidance`` terms in order (objects, or registry specs built with the pipeline's resources;
+    ``sampler`` goes to terms that need the grid, CFG++).
+
+    Raises:
+        ValueError: unknown guidance, a CFG-family term with an explicit ``cfg_scale`` or with
+            another one, a term that evaluates the model's branches itself above CFG, or the CFG
+            family on an unconditional pipeline.
+    """
+    return _guided(denoiser, cfg_scale, guidance, sampler)[0]
+
+
+def _guided(denoiser: Any, cfg_scale: float | None, guidance: Sequence[Any], sampler: Any) -> tuple[Any, float | None]:
+    """``(guided denoiser, the CFG scale applied below the terms or None)``."""
+    terms, labels = build_terms(denoiser, guidance, sampler)
+    scale = native_cfg_scale(terms, labels, cfg_scale, getattr(denoiser, "default_cfg_scale", None))
+    return compose(denoiser, terms, scale, labels), scale
 
 
 def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
@@ -64,8 +93,11 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
             timesteps as the pipeline's own run); else a ``STEP_SCHEDULES`` spec or callable.
         steps: grid intervals.
         cfg_scale: classifier-free guidance scale (applied when > 1); ``None``: the pipeline's
-            default (SD 7.5, SDXL 5, SD3 7, PixArt 4.5, FLUX true CFG 1 = off).
-        guidance: guidance terms wrapping the CFG-guided denoiser.
+            default (SD 7.5, SDXL 5, SD3 7, PixArt 4.5, FLUX true CFG 1 = off), dropped under a
+            CFG-family term.
+        guidance: guidance terms (objects or specs such as ``"cfg_rescale:scale=7.5,phi=0.7"``),
+            nested as the module docstring says: a CFG-family term replaces the pipeline's CFG,
+            the others wrap the CFG-guided denoiser in order.
         num_images_per_prompt, height, width: as the pipeline takes them.
         generator: drawn from as the pipeline draws its initial latents (``prepare_latents``), so
             a seed gives the same initial noise as ``pipe(..., generator=...)``.
@@ -78,7 +110,8 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
 
     Raises:
         ValueError: unsupported pipeline, unknown solver / schedule / guidance, bad ``output_type``,
-            a prompt for an unconditional pipeline, ``noise`` with the wrong batch size.
+            a prompt for an unconditional pipeline, ``noise`` with the wrong batch size, an explicit
+            ``cfg_scale`` with a CFG-family term (or a nesting :func:`guided_denoiser` refuses).
     """
     if output_type not in ("pt", "latent"):
         raise ValueError(f"unknown output_type {output_type!r}; valid: pt, latent")
@@ -105,15 +138,14 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
         pg = grid_from_schedule(step_schedule, den.process, steps)
     step_schedule, final = pg.step_schedule()
     sampler = Sampler(solver_obj, step_schedule, pg.steps, final=final)
-    scale = den.default_cfg_scale if cfg_scale is None else cfg_scale
-    guided = guided_denoiser(den, scale, guidance)
+    guided, applied = _guided(den, cfg_scale, guidance, sampler)
     result = sampler(guided, init, cond if den.text_conditioned else None, noise_fn=noise_fn)
     latents = result.x
     images = None
     if output_type == "pt":
         with torch.no_grad():
             images = den.decode(latents.to(den.model_dtype or latents.dtype), height, width)
-    return PipelineSample(images, latents, result, pg)
+    return PipelineSample(images, latents, result, pg, applied)
 
 
 def _params(fn: Callable) -> set[str]:

@@ -1,6 +1,6 @@
 """The process and the step grid of a diffusers pipeline, read from its scheduler.
 
-Shared by both front-ends over diffusers (DESIGN.md section 6.6): the native loops
+Shared by both front-ends over diffusers (docs/design.md#one-attached-pipeline-call): the native loops
 (:mod:`diffsample.pipelines`) and the scheduler shim (:mod:`diffsample.pipelines.scheduler_shim`).
 
 * :func:`process_from_config` -- the forward process ``x = alpha x0 + sigma eps`` and the network's
@@ -156,7 +156,10 @@ def grid_from_scheduler(scheduler: Any, process: Process, num_inference_steps: i
     The scheduler is deep-copied first (``copy_scheduler``), so stateful side effects (DPM-Solver
     writes ``config.flow_shift = exp(mu)``) stay on the copy. Flow grids are read from its
     ``sigmas`` (flow sigma = ``t``); VP grids from its ``timesteps`` (the network's own time).
-    A final point with ``sigma > 0`` (``final_sigmas_type="sigma_min"``) is kept.
+    A final point with ``sigma > 0`` (``final_sigmas_type="sigma_min"``) is kept. A VP scheduler
+    whose ``sigmas`` are not those of its ``timesteps`` (``use_karras_sigmas``, exponential, beta,
+    lu-lambda grids: diffusers rounds the timesteps it hands the network) gives the grid of its
+    ``sigmas``, with its ``timesteps`` kept for the network.
 
     Raises:
         ValueError: the caller passed ``sigmas`` / ``timesteps`` / ``mu`` that the scheduler's
@@ -190,6 +193,13 @@ def grid_from_scheduler(scheduler: Any, process: Process, num_inference_steps: i
         t = t.clamp(max=FLOW_T_MAX)
         return PipelineGrid(t, None if last == 0.0 else last, ts)
     t = ts.to(torch.float64)
+    ns = process.noise_schedule
+    if sched_sigmas is not None and len(sched_sigmas) == n + 1:
+        # Karras / exponential / beta / lu-lambda grids step on their sigmas and hand the network the
+        # rounded timesteps: the grid is where the scheduler's own update evaluates (its sigmas).
+        s = torch.as_tensor(sched_sigmas).cpu().to(torch.float64)[:n]
+        if not torch.allclose(ns.sigma_ve(t), s, rtol=1e-4, atol=0.0):
+            t = ns.t_from_sigma_ve(s).clamp(ns.t_min, ns.t_max)
     t_final = None
     if sched_sigmas is not None and len(sched_sigmas) > n and float(sched_sigmas[n]) > 0:
         t_final = float(process.noise_schedule.t_from_sigma_ve(torch.tensor([float(sched_sigmas[n])], dtype=torch.float64)))

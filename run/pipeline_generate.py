@@ -40,7 +40,7 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
         raise ValueError("pipeline models denoise to sigma = 0; final must be 'zero'")
     shape = den.noise_shape(height, width)
     seeds = list(range(seed, seed + num_samples))
-    images, latents, nfe, model_evals = [], [], 0, 0.0
+    images, latents, nfe, model_evals, applied_cfg = [], [], 0, 0.0, None
     start = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
         batch_seeds = seeds[lo:lo + batch_size]
@@ -53,11 +53,11 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
                               noise_fn=SeededNoiseFn(batch_seeds, shape, device=den.device))
         images.append(out.images)
         latents.append(out.latents.float().cpu())
-        nfe, model_evals = out.result.nfe, out.result.model_evals
+        nfe, model_evals, applied_cfg = out.result.nfe, out.result.model_evals, out.cfg_scale
     record = {
         "model": model.name, "pipeline": type(den.pipe).__name__, "prompt": prompt, "negative_prompt": negative_prompt,
         "solver": solver, "schedule": schedule if schedule is not None else "pipeline", "steps": steps, "final": final,
-        "guidance": list(guidance), "cfg_scale": cfg_scale if cfg_scale is not None else den.default_cfg_scale,
+        "guidance": [str(g) for g in guidance], "cfg_scale": applied_cfg,  # None: no CFG, or a CFG-family term
         "seeds": seeds, "classes": None, "nfe": nfe, "model_evals": model_evals,
         "wall_time_s": round(time.perf_counter() - start, 4), "device": str(den.device), "dtype": dtype,
         "num_samples": num_samples, "batch_size": batch_size, "versions": versions(),
