@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from diffsample.core.spec import Spec
-from diffsample.guidance import GUIDANCE, Resources
+from diffsample.guidance import GUIDANCE
 from diffsample.guidance.composition import check_composition
 from diffsample.guidance.loop_hooks import term_hooks
 from diffsample.samplers.stochastic_variant import switch_for_noise_terms
@@ -30,6 +30,7 @@ from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.solver import Solver
 
 from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture
+from diffsample.pipelines.resources import check_attach_guidance, pipeline_resources
 from diffsample.pipelines.scheduler_shim import DiffSampleScheduler, needs_replay
 
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2", "prior")
@@ -85,9 +86,11 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
     if isinstance(scheduler, DiffSampleScheduler):
         raise ValueError("a diffsample scheduler is already attached; call diffsample.detach(pipe) first")
     denoisers = find_denoisers(pipe)
-    terms = tuple(GUIDANCE.create(g, resources=Resources()) if isinstance(g, (str, Spec)) else g for g in guidance)
+    terms = tuple(GUIDANCE.create(g, resources=pipeline_resources(pipe)) if isinstance(g, (str, Spec)) else g
+                  for g in guidance)
     labels = [str(g) if isinstance(g, (str, Spec)) else type(g).__name__ for g in guidance]
     schedule_obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
+    check_attach_guidance(terms, labels)  # CFG-family terms: the pipeline's loop does CFG (native loop instead)
     check_composition(terms, None, labels)
     hooks = term_hooks(terms, None)  # what the terms ask of the loop; nothing is evaluated
     several = [name for name in ("chains", "twist") if name in hooks.used()]

@@ -1,14 +1,14 @@
 """``DiffSampleScheduler``: a diffusers scheduler that drives diffsample's solvers ("they drive").
 
 Set it as ``pipe.scheduler`` (or use :func:`diffsample.attach`) and any pipeline whose loop calls
-``scheduler.step`` runs our solver numerics (DESIGN.md section 6.6). The shim holds the only
+``scheduler.step`` runs our solver numerics (docs/design.md#one-attached-pipeline-call). The shim holds the only
 diffusers-style bookkeeping: the step index, the solver state, and an fp32 master copy of the
 sample. ``step(model_output, timestep, sample)`` converts the pipeline's prediction to ``denoised``
 and calls ``Solver.step`` with a ``denoise`` closure that returns it; solvers that need another
 evaluation (multi-stage, Stein probes, gradient guidance) get a re-evaluation through the captured
 network calls (:mod:`diffsample.pipelines.capture`, installed by :func:`~diffsample.pipelines.attach.attach`).
 
-Contract with pipelines (ecosystem.md section 1.7): ``order = 1``, ``init_noise_sigma = 1``,
+Contract with pipelines: ``order = 1``, ``init_noise_sigma = 1``,
 ``scale_model_input`` is the identity (we work in the pipeline's own x_t space, so DDPMPipeline,
 which never calls it, stays correct), ``set_timesteps(num_inference_steps, device, sigmas,
 timesteps, mu)``, ``add_noise`` (VP) / ``scale_noise`` (flow), ``set_begin_index``; ``step`` returns
@@ -21,8 +21,9 @@ our step schedules instead (the pipeline's ``sigmas`` / ``mu`` are then ignored)
 
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +35,17 @@ from torch import Tensor
 
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES, SteinDiff
 from diffsample.core.accounting import count_model_evals
+from diffsample.guidance.composition import compose
+from diffsample.guidance.loop_hooks import collect_hooks
+from diffsample.samplers.sampler import renoise
+from diffsample.solvers.transition import use_transition
 from diffsample.solvers.solver import Grid, Solver
 from diffsample.solvers.noise_schedules import DiscreteVP
 
 from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture, Replay, ReplayError
 from diffsample.samplers.denoisers import ModelDenoiser
-from diffsample.pipelines.process import (PipelineGrid, Process, grid_from_schedule, grid_from_scheduler,
-                                process_from_config)
+from diffsample.pipelines.process import (PREDICTION_TYPES, PipelineGrid, Process, grid_from_schedule,
+                                          grid_from_scheduler, is_flow_config, process_from_config)
 
 OWN_KEYS = ("solver", "schedule", "base_scheduler", "seed")
 DEFAULT_BASE = "DDPMScheduler"
@@ -52,20 +57,144 @@ KNOWN_BASES = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "EulerDiscrete
 
 def infer_base_scheduler(config: dict) -> str | None:
     """The diffusers scheduler whose ``__init__`` arguments best match the keys of ``config`` (an
-    in-memory scheduler's config carries no ``_class_name``)."""
-    import diffusers
-
+    in-memory scheduler's config carries no ``_class_name``): the one taking most of the keys, then
+    the one with fewest keys it does not take, then the one with fewest arguments the config lacks
+    (a config that went through ``X.from_config(other_config)`` keeps ``other``'s keys too).
+    ``None`` when no known scheduler takes any key."""
     keys = {k for k in config if not k.startswith("_") and k not in OWN_KEYS}
     best, best_score = None, None
     for name in KNOWN_BASES:
-        cls = getattr(diffusers, name, None)
-        if cls is None:
+        params = _init_params(name)
+        if params is None:
             continue
-        params = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
-        score = (len(keys - params), len(params - keys))
+        score = (-len(keys & params), len(keys - params), len(params - keys))
         if best_score is None or score < best_score:
             best, best_score = name, score
-    return best if best_score is not None and best_score[0] == 0 else None
+    return best if best_score is not None and best_score[0] < 0 else None
+
+
+# ---- diffusers scheduler flags accepted by from_config ---------------------------------------------
+SIGMA_FLAGS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential",
+               "use_beta_sigmas": "beta", "use_lu_lambdas": "lambda_uniform"}
+"""diffusers grid flags -> the step schedule they select (built by the diffusers scheduler itself)."""
+GRID_FLAGS = (*SIGMA_FLAGS, "timestep_spacing", "final_sigmas_type", "flow_shift", "shift")
+SOLVER_FLAGS = ("algorithm_type", "solver_order", "solver_type")
+DIFFUSERS_FLAGS = (*GRID_FLAGS, *SOLVER_FLAGS, "prediction_type")
+"""The diffusers keywords ``DiffSampleScheduler.from_config`` maps; any other keyword is refused."""
+GRID_SOURCES = {False: "DPMSolverMultistepScheduler", True: "FlowMatchEulerDiscreteScheduler"}
+"""The scheduler whose grid a flag selects when the config's own scheduler has no such flag
+(discrete VP, rectified flow): the one users pass the flag to (``DPMSolverMultistepScheduler.
+from_config(config, use_karras_sigmas=True)``)."""
+SPACINGS = ("linspace", "leading", "trailing")
+FINAL_SIGMAS = ("zero", "sigma_min")
+ALGORITHMS = {"dpmsolver++": "", "sde-dpmsolver++": "_sde"}
+SOLVER_TYPES = ("midpoint", "heun")
+
+
+def _init_params(name: str | None) -> set[str] | None:
+    """``__init__`` arguments of the diffusers scheduler class ``name`` (``None``: no such class)."""
+    import diffusers
+
+    cls = getattr(diffusers, name or DEFAULT_BASE, None)
+    if cls is None or not isinstance(cls, type):
+        return None
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+
+
+def _choice(key: str, value: Any, valid: Sequence[Any]) -> Any:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not supported; valid: {', '.join(map(str, valid))}")
+    return value
+
+
+def _flag_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be True or False, got {value!r}")
+    return value
+
+
+def grid_flags(config: Mapping[str, Any], flags: Mapping[str, Any], base: str | None) -> tuple[dict[str, Any], str | None]:
+    """Config updates and grid-source scheduler for diffusers grid flags (``use_karras_sigmas``, ...).
+
+    Args:
+        config: the scheduler config the shim is built from (flags already in it count too).
+        flags: keywords given to ``from_config`` (names in :data:`DIFFUSERS_FLAGS`).
+        base: the config's scheduler class name (``None``: DDPMScheduler).
+
+    Returns:
+        ``(updates, source)``: config entries to set, and the diffusers scheduler that builds the
+        grid -- ``base`` when it takes every flag in use, else :data:`GRID_SOURCES` of the process.
+
+    Raises:
+        ValueError: a bad flag value, two sigma flags at once, ``flow_shift`` / ``shift`` on a
+            discrete-VP config, or a flag no scheduler of the process takes (one line each).
+    """
+    updates: dict[str, Any] = {}
+    if "prediction_type" in flags:
+        updates["prediction_type"] = _choice("prediction_type", flags["prediction_type"], tuple(PREDICTION_TYPES))
+    for key in SIGMA_FLAGS:
+        if key in flags:
+            updates[key] = _flag_bool(key, flags[key])
+    if "timestep_spacing" in flags:
+        updates["timestep_spacing"] = _choice("timestep_spacing", flags["timestep_spacing"], SPACINGS)
+    if "final_sigmas_type" in flags:
+        updates["final_sigmas_type"] = _choice("final_sigmas_type", flags["final_sigmas_type"], FINAL_SIGMAS)
+    merged = {**config, **updates}
+    flow = is_flow_config(merged, base)
+    shifts = {k: flags[k] for k in ("flow_shift", "shift") if k in flags}
+    if shifts:
+        values = {float(v) for v in shifts.values()}
+        if not flow:
+            raise ValueError(f"{next(iter(shifts))}={next(iter(shifts.values()))!r} applies to rectified-flow models; "
+                             f"this config is a discrete-VP process ({base or DEFAULT_BASE})")
+        if len(values) > 1 or not min(values) > 0:
+            raise ValueError(f"flow_shift / shift must be one value > 0, got {shifts}")
+    active = [k for k in SIGMA_FLAGS if merged.get(k) is True]
+    if len(active) > 1:
+        raise ValueError(f"{' and '.join(active)} are all set; choose one of {', '.join(SIGMA_FLAGS)}")
+    needed = set(active)
+    needed |= {k for k in ("timestep_spacing", "final_sigmas_type") if k in flags}
+    if merged.get("final_sigmas_type") == "sigma_min":
+        needed.add("final_sigmas_type")
+
+    def takes(name: str | None) -> bool:
+        params = _init_params(name) or set()
+        return needed <= params and (not shifts or bool({"shift", "flow_shift"} & params))
+
+    source = base if takes(base) else GRID_SOURCES[flow]
+    if not takes(source):
+        params = _init_params(source) or set()
+        missing = sorted(needed - params) + ([] if not shifts or {"shift", "flow_shift"} & params else ["shift"])
+        valid = [k for k in GRID_FLAGS if k in params or (k in ("shift", "flow_shift") and {"shift", "flow_shift"} & params)]
+        raise ValueError(f"{', '.join(missing)} does not apply to {'rectified-flow' if flow else 'discrete-VP'} "
+                         f"schedulers ({source}); grid flags valid here: {', '.join(valid)}")
+    if shifts:
+        params = _init_params(source) or set()
+        updates["shift" if "shift" in params else "flow_shift"] = values.pop()
+    return updates, source
+
+
+def solver_from_flags(algorithm_type: str = "dpmsolver++", solver_order: int = 2, solver_type: str = "midpoint") -> str:
+    """The ``SOLVERS`` spec of diffusers' DPMSolverMultistepScheduler settings:
+    ``dpmsolver++`` / ``sde-dpmsolver++`` -> ``dpmpp_2m`` / ``dpmpp_2m_sde``; ``solver_order`` 3 ->
+    ``dpmpp_3m`` (our Taylor-correct third-order form; ``third_order=reference`` is diffusers'),
+    1 -> ``order=1`` (DDIM / its SDE form); ``solver_type="heun"`` -> ``solver_type=heun``.
+
+    Raises:
+        ValueError: an algorithm type other than the two above (noise-prediction DPM-Solver), an
+            order outside 1-3, or a solver type other than midpoint / heun.
+    """
+    suffix = ALGORITHMS[_choice("algorithm_type", algorithm_type, tuple(ALGORITHMS))]
+    order = _choice("solver_order", solver_order, (1, 2, 3))
+    _choice("solver_type", solver_type, SOLVER_TYPES)
+    options = (["order=1"] if order == 1 else []) + (["solver_type=heun"] if solver_type == "heun" else [])
+    name = f"dpmpp_{3 if order == 3 else 2}m{suffix}"
+    return name + (":" + ",".join(options) if options else "")
+
+
+def _solver_flags(flags: Mapping[str, Any]) -> str:
+    return solver_from_flags(flags.get("algorithm_type", "dpmsolver++"), flags.get("solver_order", 2),
+                             flags.get("solver_type", "midpoint"))
 
 
 @dataclass
@@ -131,20 +260,92 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         self._process: Process | None = None
         self._convert: ModelDenoiser | None = None
         self._current_output: Tensor | None = None
+        self._input_rows = 0
         self._reset()
 
     # ---- config ---------------------------------------------------------------------------------
     @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """The shim for a diffusers scheduler config, with diffusers' own flags mapped.
+
+        ``DiffSampleScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m", use_karras_sigmas=True)``
+        steps on the grid ``DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)``
+        would use (same sigmas, same network timesteps). Keywords besides our own (``solver``,
+        ``schedule``, ``base_scheduler``, ``seed``):
+
+        * grid: ``use_karras_sigmas`` (Karras), ``use_exponential_sigmas``, ``use_beta_sigmas``,
+          ``use_lu_lambdas`` (uniform in lambda), ``timestep_spacing`` (linspace / leading /
+          trailing), ``final_sigmas_type`` (``"zero"`` / ``"sigma_min"``), ``flow_shift`` / ``shift``
+          (rectified flow). The grid is built by the config's scheduler when it takes the flag,
+          else by DPMSolverMultistepScheduler (VP) / FlowMatchEulerDiscreteScheduler (flow);
+          ``base_scheduler`` then names that one. The same flags inside ``config`` apply too.
+          (One difference: with ``final_sigmas_type="sigma_min"`` on a grid whose last point is
+          already ``sigma_min``, e.g. Euler's trailing grid ending at t = 0, diffusers' last step
+          has zero length; ours denoises to sigma = 0.)
+        * solver: ``algorithm_type`` (``dpmsolver++`` / ``sde-dpmsolver++``), ``solver_order``
+          (1-3), ``solver_type`` (midpoint / heun) -> ``dpmpp_2m`` / ``dpmpp_3m`` / ``..._sde`` (see
+          :func:`solver_from_flags`); a DPMSolverMultistepScheduler config without ``solver=``
+          gets the solver its own settings name.
+        * ``prediction_type``: the network's parameterisation (epsilon, v_prediction, sample,
+          flow_prediction).
+
+        Raises:
+            ValueError: any other keyword (one line naming it and the accepted ones), a bad flag
+                value, flags that contradict ``solver=``, or a flag the process has no grid for.
+        """
+        model = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        shim = model[0] if isinstance(model, tuple) else model
+        if any(k in kwargs for k in GRID_FLAGS):
+            try:
+                shim._base()  # the grid source accepts the flags (scipy for beta sigmas, ...)
+            except (ImportError, TypeError, ValueError) as exc:
+                raise ValueError(f"{shim.base_scheduler_name} cannot build the requested grid: "
+                                 f"{str(exc).splitlines()[0]}") from None
+        return model
+
+    @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        """Keep foreign keys (the base scheduler's config) as hidden config without warnings, and
-        record the base scheduler's class name from ``_class_name``."""
+        """Keep foreign keys (the base scheduler's config) as hidden config without warnings, record
+        the base scheduler's class name from ``_class_name``, and map diffusers flags (see
+        :meth:`from_config`)."""
+        accepted = (*OWN_KEYS, *DIFFUSERS_FLAGS)
+        for key in kwargs:
+            if key not in accepted:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                raise ValueError(f"unknown keyword {key!r} for DiffSampleScheduler.from_config"
+                                 f"{f' (did you mean {close[0]!r}?)' if close else ''}; accepted: {', '.join(accepted)}")
+        flags = {k: kwargs.pop(k) for k in DIFFUSERS_FLAGS if k in kwargs}
         config_dict = dict(config_dict)
         name = config_dict.get("_class_name")
-        if not kwargs.get("base_scheduler") and not config_dict.get("base_scheduler"):
-            if isinstance(name, str) and name != cls.__name__:
-                kwargs["base_scheduler"] = name
-            else:
-                kwargs["base_scheduler"] = infer_base_scheduler(config_dict)
+        base = kwargs.get("base_scheduler") or config_dict.get("base_scheduler")
+        if not base:
+            base = name if isinstance(name, str) and name != cls.__name__ else infer_base_scheduler(config_dict)
+        solver_flags = {k: flags[k] for k in SOLVER_FLAGS if k in flags}
+        if solver_flags:
+            derived = _solver_flags(solver_flags)
+            given = kwargs.get("solver")
+            if given is not None and str(given) != derived:
+                raise ValueError(f"solver={given!r} and {', '.join(f'{k}={v!r}' for k, v in solver_flags.items())} "
+                                 f"(= {derived!r}) disagree; give one of them")
+            kwargs["solver"] = derived
+        elif kwargs.get("solver") is None and config_dict.get("solver") is None and base == "DPMSolverMultistepScheduler":
+            try:
+                kwargs["solver"] = _solver_flags({k: config_dict[k] for k in SOLVER_FLAGS if k in config_dict})
+            except ValueError as exc:
+                raise ValueError(f"{exc} (read from the DPMSolverMultistepScheduler config); pass solver=... "
+                                 "to choose a diffsample solver") from None
+        updates, source = grid_flags(config_dict, flags, base)
+        defaults = config_dict.get("_use_default_values")
+        defaults = [k for k in defaults if k not in updates] if isinstance(defaults, list) else []
+        if source != base:
+            # As SourceScheduler.from_config(config) does: the replaced scheduler's defaults
+            # (DDIM's "leading" spacing) are not carried over to the grid source.
+            for key in defaults:
+                config_dict.pop(key, None)
+        config_dict.update(updates)
+        if "_use_default_values" in config_dict:
+            config_dict["_use_default_values"] = defaults
+        kwargs["base_scheduler"] = source
         own = {k: v for k, v in config_dict.items() if k in OWN_KEYS or k.startswith("_")}
         foreign = {k: v for k, v in config_dict.items() if k not in own}
         init_dict, unused, hidden = super().extract_init_dict(own, **kwargs)
@@ -214,7 +415,11 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
-        """Identity: the network sees the sample in the pipeline's own (VP / flow) coordinates."""
+        """Identity: the network sees the sample in the pipeline's own (VP / flow) coordinates.
+
+        Pipelines that call it pass the network's own input (SD, SDXL, PixArt: ``cat([latents] * 2)``
+        under CFG), so its rows are counted: :meth:`report` uses them when no hooks are installed."""
+        self._input_rows += int(sample.shape[0]) if sample.ndim else 1
         return sample
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
@@ -262,6 +467,7 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
             for dtype in (torch.float32, torch.float64):
                 self._convert._coefficients[float(torch.tensor(self.grid.t_list[i], dtype=dtype))] = coefficients
         self._reset()
+        self._input_rows = 0  # rows the pipeline passed through scale_model_input this run
 
     def _index_for(self, timestep: Any) -> int:
         if self._step_index is not None:
@@ -291,12 +497,51 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         return self.process.num_train_timesteps
 
     # ---- accounting -------------------------------------------------------------------------------
-    def report(self) -> dict[str, float]:
-        """``nfe`` (denoiser calls of the solver) and ``model_evals`` (network rows per sample,
-        forward-equivalents: the pipeline's own calls plus replays and backward passes) of the
-        current run."""
+    def report(self) -> dict[str, float | None]:
+        """Counts of the current run, as the native loop and ``generate`` define them.
+
+        * ``nfe``: denoiser (solver-level) calls.
+        * ``model_evals``: network forward passes per sample in forward-equivalents -- CFG's
+          batched ``2 B`` rows count 2 per sample, a backward pass 2; the pipeline's own calls plus
+          replays. Under :func:`diffsample.attach` it is read from the forward hooks on the network.
+
+        A scheduler set with ``pipe.scheduler = shim`` (no hooks) does not see the network: it sees
+        ``B`` rows in ``step`` whether or not the pipeline ran ``2 B`` for CFG. It then counts the
+        rows the pipeline passed through :meth:`scale_model_input` (SD, SDXL, PixArt pass the
+        network's input there, so this equals attach's count), and reports ``model_evals = None``
+        (unknown) for pipelines that never call it (SD3, FLUX, DDPM); use ``attach`` there.
+        """
         b = self._batch or 1
-        return {"nfe": self.nfe, "model_evals": self._rows / b}
+        if self._capture is not None:
+            model_evals: float | None = self._rows / b
+        elif self._input_rows:
+            model_evals = self._input_rows / b  # without hooks no solver re-evaluation is possible
+        else:
+            model_evals = None
+        return {"nfe": self.nfe, "model_evals": model_evals}
+
+    # ---- binding to a pipeline (diffsample.attach) ----------------------------------------------------
+    def bind(self, *, solver: Solver, schedule: Any, guidance: Sequence[Any], grid_source: Any,
+             capture: DenoiserCapture | None, original: Any) -> None:
+        """Bind the shim to a pipeline (what :func:`diffsample.attach` does): the solver and step
+        schedule objects, the guidance terms applied to the pipeline's prediction inside ``step``, the
+        scheduler whose grid ``schedule=None`` reproduces, the network-call capture for re-evaluation,
+        and the scheduler to restore on :meth:`unbind`."""
+        self._solver_obj, self._schedule_obj, self._guidance = solver, schedule, tuple(guidance)
+        self._grid_source, self._capture, self._original = grid_source, capture, original
+
+    @property
+    def bound(self) -> bool:
+        """Whether the shim is bound to a pipeline by :meth:`bind`."""
+        return self._original is not None
+
+    def unbind(self) -> Any:
+        """Remove the capture hooks and return the scheduler :meth:`bind` was given."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        original, self._original = self._original, None
+        return original
 
     @property
     def needs_replay(self) -> bool:
@@ -341,9 +586,9 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
             denoised = self._convert(x, t_vec)
         self._current_output = None
         step_denoiser = _StepDenoiser(self, x, t_i, denoised, model_output, sample, timestep)
-        guided = step_denoiser
-        for term in self._guidance:
-            guided = term(guided)
+        # The pipeline's loop did CFG; the terms wrap its guided prediction (the composition contract).
+        guided = compose(step_denoiser, self._guidance)
+        hooks = collect_hooks(guided)
 
         def denoise(x_in: Tensor, t: Tensor) -> Tensor:
             self.nfe += 1
@@ -352,8 +597,13 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         noise_fn = None
         if self.solver.stochastic:
             noise_fn = self._noise_fn(x, generator)
-        with count_model_evals() as rows:
-            x_next, self._state = self.solver.step(denoise, x, grid, i, self._state, noise_fn)
+        with count_model_evals() as rows, use_transition(hooks.transition):
+            x_next, new_state = self.solver.step(denoise, x, grid, i, self._state, noise_fn)
+            for _ in range(sum(r(grid, i) for r in hooks.recurrences)):
+                # Time travel (FreeDoM): back to grid point i with fresh noise, then redo the step.
+                x_back = renoise(x_next, grid, i, noise_fn or self._noise_fn(x, generator))
+                x_next, new_state = self.solver.step(denoise, x_back, grid, i, self._state, noise_fn)
+        self._state = new_state
         self._rows += rows[0] + captured_rows
         if capture is not None:
             capture.clear()
