@@ -12,7 +12,7 @@ Setup (docs/methods/jeffrey.md#embedding-targets-jeffrey_embedding):
 * **ratio**: ``RatioClassifier.fit`` (linear logistic, standardized, balanced classes); ``l2`` picked
   from ``--l2-grid`` by the balanced log-loss on a 20% split, then refitted on everything; saved as
   safetensors (``benchmarks/cache/jeffrey_embedding_mnist/ratio.safetensors``);
-* **guidance**: the registry factory ``_jeffrey_embedding(resources, ratio=FILE, ...)`` with each
+* **guidance**: the registry factory ``jeffrey_embedding_factory(resources, ratio=FILE, ...)`` with each
   configuration of ``--configs`` (scale, VE-sigma window, clips), on the unconditional branch;
 * **evaluation**: ``--n`` samples per configuration, the *same* initial and per-step noise seeds for
   every configuration (unguided included), judged by
@@ -49,7 +49,7 @@ from types import SimpleNamespace
 import torch
 
 from diffsample.guidance import Cond
-from diffsample.guidance.jeffrey.embedding_guidance import RatioClassifier, _jeffrey_embedding
+from diffsample.guidance.jeffrey.embedding_guidance import RatioClassifier, jeffrey_embedding_factory
 from diffsample.guidance.jeffrey.class_marginal import total_variation
 from diffsample.samplers import Sampler, SeededNoiseFn, seeded_noise
 from diffsample.run.models import load_model
@@ -228,7 +228,7 @@ class Bench:
             res = self.model.resources
             if options.pop("clamp", False):  # features of the clamped D(x_t) (the thesis's choice)
                 res = SimpleNamespace(features=lambda x0: self.clean.features(x0.clamp(-1, 1)), clean_classifier=self.clean)
-            denoiser = _jeffrey_embedding(res, ratio=str(ratio_path), **options)(self.model.denoiser)
+            denoiser = jeffrey_embedding_factory(res, ratio=str(ratio_path), **options)(self.model.denoiser)
         log(f"sampling {self.args.n} with {spec!r}")
         x, info = self.sample(denoiser, self.args.n, self.args.seed_eval)
         out = {"config": spec, **info, **self.metrics(x, ratio)}
@@ -247,7 +247,7 @@ def markdown(meta: dict, fit: dict, floor: dict, rows: list[dict]) -> str:
            f"(other seeds); features: the clean classifier's 64-d MNIST-FD features; linear logistic ratio, l2 = "
            f"{fit['l2']} (validation balanced accuracy {fit['validation'][str(fit['l2'])]['val_balanced_accuracy']}, "
            f"log-loss {fit['validation'][str(fit['l2'])]['val_balanced_logloss']} vs ln 2 = 0.693). "
-           "Guidance through the registry factory `_jeffrey_embedding` (Tweedie plug-in, logit clip 20); "
+           "Guidance through the registry factory `jeffrey_embedding_factory` (Tweedie plug-in, logit clip 20); "
            "`sigma_hi` is the VE-sigma window (guidance only for sigma/alpha <= sigma_hi; 0.08 = the thesis's last 2% "
            "of DDPM time, t <= 20).", "",
            "**Caveat.** The ratio classifier uses the same feature network as MNIST-FD, so FD partly measures the "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from diffsample.cli.options import cache_file, fail, registry_spec
+from diffsample.cli.options import fail, registry_spec
 
 DEFAULT_OUT = "out"
 
@@ -129,21 +129,13 @@ def marginal_summary(m: dict) -> str:
               help="First seed; sample k uses seed + k.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--marginal-samples", type=click.IntRange(min=1), default=1000, show_default=True, metavar="N",
-              help="Jeffrey guidance without model_marginal=: estimate the model marginal p_theta(y) from N "
-                   "unguided samples of the same sampler (null class), soft-labelled by the model's classifier "
-                   "(variant=conditional: the classifier's prior on N noise draws). Cached; a cache hit "
-                   "samples nothing.")
-@click.option("--marginal-cache", default=None, metavar="PATH", callback=cache_file,
-              help="JSON cache of estimated model marginals [default: $DIFFSAMPLE_CACHE_DIR/marginals.json, "
-                   "else ~/.cache/diffsample/marginals.json]; 'none' turns caching off.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(DEFAULT_OUT), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, negative_prompt, seed,
-                 num_samples, batch_size, marginal_samples, marginal_cache, device, dtype, out, overwrite, quiet):
+                 num_samples, batch_size, device, dtype, out, overwrite, quiet):
     """Generate samples: one PNG each (parameters in a text chunk), grid.png and run.json."""
     from diffsample.run.generate import generate
     from diffsample.run.models import ModelLoadError
@@ -159,8 +151,7 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
             result = generate(model, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
                               class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
                               device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
-                              negative_prompt=negative_prompt, marginal_samples=marginal_samples,
-                              marginal_cache=marginal_cache)
+                              negative_prompt=negative_prompt)
     except (ValueError, ModelLoadError) as exc:
         fail(str(exc))
     for note in result.record.get("notes", []):

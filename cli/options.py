@@ -59,21 +59,6 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> l
     return items
 
 
-def cache_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """Check a cache-file option: ``None`` (the default location) and ``""`` / ``"none"`` (no
-    caching) pass; a path must be creatable or rewritable (not a directory, not under a file,
-    writable), else a usage error (exit code 2)."""
-    if value is None:
-        return None
-    from diffsample.guidance.jeffrey.model_marginal import resolve_cache_path
-
-    try:
-        resolve_cache_path(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    return value
-
-
 def fail(message: str) -> None:
     """Stop with one line on stderr and exit code 2 (bad input; nothing written)."""
     raise click.UsageError(message)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from diffsample.cli.options import fail, int_list, registry_spec
+from diffsample.testbed import DEFAULT_METRIC, METRICS
 
 
 @click.command("sweep")
@@ -23,7 +24,9 @@ from diffsample.cli.options import fail, int_list, registry_spec
 @click.option("--num-samples", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
-@click.option("--metric", type=click.Choice(["mnist-fd", "none"]), default="mnist-fd", show_default=True)
+@click.option("--metric", type=click.Choice([*METRICS, "none"]), default=DEFAULT_METRIC, show_default=True,
+              help="Score each cell with a bundled testbed's metric (" +
+                   "; ".join(f"{name}: {m.summary}" for name, m in METRICS.items()) + "), or not at all.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for results.jsonl (appended; re-running resumes), results.md and fd_vs_nfe.png "
                    "(both over every cell in the folder).")

@@ -54,7 +54,7 @@ _LAZY = {
     "within": "diffsample.guidance.interval",
     "JeffreyEmbedding": "diffsample.guidance.jeffrey.embedding_guidance",
     "RatioClassifier": "diffsample.guidance.jeffrey.embedding_guidance",
-    "_jeffrey_embedding": "diffsample.guidance.jeffrey.embedding_guidance",
+    "jeffrey_embedding_factory": "diffsample.guidance.jeffrey.embedding_guidance",
     "JeffreyGuidance": "diffsample.guidance.jeffrey.class_guidance",
     "MarginalEstimate": "diffsample.guidance.jeffrey.class_marginal",
     "estimate_marginal": "diffsample.guidance.jeffrey.class_marginal",
@@ -143,7 +143,8 @@ def _classifier(resources: Resources, scale: float = 1.0, label: int | None = No
 def _jeffrey(resources: Resources, target=None, model_marginal=None, estimator: str = "noisy",
              variant: str = "score", scale: float = 1.0, log_w_clip: float | None = None, prune: float = 0.0,
              sigma_lo: float = 0.0, sigma_hi: float = math.inf, particles: int = 1, ess: float = 0.5,
-             resample: str = "systematic", tds_seed: int = 0) -> Guidance:
+             resample: str = "systematic", tds_seed: int = 0, marginal_samples: int = 1000,
+             marginal_cache: str | None = None) -> Guidance:
     from diffsample.guidance.jeffrey.class_guidance import JeffreyGuidance
     from diffsample.guidance.jeffrey.class_marginal import load_marginal, parse_target
     from diffsample.guidance.jeffrey.twist import TDS
@@ -168,7 +169,9 @@ def _jeffrey(resources: Resources, target=None, model_marginal=None, estimator: 
     term = JeffreyGuidance(p_star, p_model, resources.classifier, resources.clean_classifier, estimator=estimator,
                            variant=variant, scale=float(scale), prune=float(prune),
                            log_w_clip=None if log_w_clip is None else float(log_w_clip),
-                           tds=TDS(particles, float(ess), str(resample), int(tds_seed)) if particles != 1 else None)
+                           tds=TDS(particles, float(ess), str(resample), int(tds_seed)) if particles != 1 else None,
+                           marginal_samples=marginal_samples,
+                           marginal_cache=None if marginal_cache is None else str(marginal_cache))
     return _window(term, sigma_lo, sigma_hi, "unconditional")
 
 
@@ -299,7 +302,7 @@ GUIDANCE.add("jeffrey", _jeffrey, "Jeffrey marginal guidance: target=[CLASS:PROB
              "particles=K runs twisted SMC (TDS, arXiv 2306.17775)",
              meanings=_MEANINGS['jeffrey'])
 GUIDANCE.add("jeffrey_embedding",
-             "diffsample.guidance.jeffrey.embedding_guidance:_jeffrey_embedding",
+             "diffsample.guidance.jeffrey.embedding_guidance:jeffrey_embedding_factory",
              "Jeffrey guidance to a target set of embeddings: "
              "ratio=FILE.safetensors (linear logistic ratio on features), Tweedie plug-in (arXiv 2606.13240)",
              meanings=_MEANINGS['jeffrey_embedding'])

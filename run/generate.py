@@ -19,19 +19,14 @@ from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
-from diffsample.guidance.jeffrey.model_marginal import fill_model_marginals, resolve_cache_path
 from diffsample.run.models import LoadedModel, PipelineModel, load_model
+from diffsample.run.prepare import prepare_terms
 from diffsample.samplers.sampler import Sampler
-from diffsample.samplers.stochastic_variant import solver_for
+from diffsample.samplers.stochastic_variant import SolverSwitched, solver_for
 from diffsample.samplers.seeds import seeded_run
-
-class SolverSwitched(UserWarning):
-    """A noise-acting guidance term switched a deterministic solver to its stochastic variant."""
-
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
-DEFAULT_MARGINAL_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
@@ -42,10 +37,11 @@ class GenerateResult:
         images: ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
         samples: ``(N, C, H, W)`` raw final samples (model space, CPU).
         record: JSON-serialisable run record: parameters, seeds, classes, ``nfe``, ``model_evals``,
-            wall time and package versions; with Jeffrey guidance also ``model_marginal`` (one dict,
-            or a list for several Jeffrey terms: ``probs``, ``n``, ``source`` = ``"estimated"`` /
-            ``"cache"`` / ``"given"``, ``cache_key``, ``cache_path``, ``model_evals`` spent on the
-            estimate, which the run's ``model_evals`` does not include; see
+            wall time and package versions; plus what the terms' preparation steps reported, e.g.
+            with Jeffrey guidance ``model_marginal`` (one dict, or a list for several Jeffrey
+            terms: ``probs``, ``n``, ``source`` = ``"estimated"`` / ``"cache"`` / ``"given"``,
+            ``cache_key``, ``cache_path``, ``model_evals`` spent on the estimate, which the run's
+            ``model_evals`` does not include; see
             :class:`~diffsample.guidance.jeffrey.model_marginal.ModelMarginal`).
     """
 
@@ -105,8 +101,8 @@ def build_guided(model: LoadedModel, guidance: Sequence[str] = (), cfg_scale: fl
                  sampler: Sampler | None = None) -> Denoiser:
     """Wrap ``model.denoiser`` with CFG at ``cfg_scale`` if given, then the guidance terms named in
     ``guidance`` (applied in order). Terms whose factory takes ``sampler`` (CFG++, which needs the
-    grid) receive ``sampler``. Jeffrey terms are left as given (:func:`generate` fills in a missing
-    model marginal).
+    grid) receive ``sampler``. Terms with a preparation step are left unprepared (:func:`generate`
+    prepares them, e.g. Jeffrey guidance's model marginal).
 
     Raises:
         ValueError: unknown guidance name, bad options, or a term the model cannot support.
@@ -133,25 +129,29 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
              class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
              num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
              final: str = "zero", progress: bool = False, prompt: str | None = None,
-             negative_prompt: str | None = None, marginal_samples: int = DEFAULT_MARGINAL_SAMPLES,
-             marginal_cache: str | None = None) -> GenerateResult:
+             negative_prompt: str | None = None) -> GenerateResult:
     """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
 
     The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
     batched floating-point arithmetic), except under twisted SMC (``jeffrey:particles=K``), whose
     resampling draws are shared by a batch. All arguments are validated before any sampling.
 
-    Jeffrey guidance (``jeffrey:target=...``) divides by the model marginal ``p_theta(y)`` of the
-    unguided sampler. Without ``model_marginal=`` in the spec it is estimated before sampling
-    (:func:`~diffsample.guidance.jeffrey.model_marginal.model_marginal_for`): ``marginal_samples`` unguided samples
-    with this run's solver, schedule, ``steps`` and ``final`` on the branch the term reweights (the
-    null class of a conditional model), soft-labelled by the term's classifier (for
-    ``variant=conditional``: the classifier's prior on pure noise, no sampling). The estimate uses
-    per-sample seeds ``10**9, 10**9 + 1, ...`` whatever ``seed``, and is cached in
-    ``marginal_cache``, keyed by model (name and weight fingerprint), dtype, sampler, terms below
-    the Jeffrey term, Jeffrey variant / base / estimator, ``marginal_samples`` and seed; a cache hit
-    samples nothing. Its model evaluations are recorded in ``record["model_marginal"]``, not in
-    the run's ``model_evals``. A ``model_marginal=`` given in the spec is used as is.
+    Before sampling, every guidance term with a preparation step
+    (:class:`~diffsample.guidance.term.Preparable`) is prepared on the chain below it
+    (:func:`~diffsample.run.prepare.prepare_terms`); what it reports goes into the record. Jeffrey
+    guidance (``jeffrey:target=...``) prepares this way the model marginal ``p_theta(y)`` it
+    divides by: without ``model_marginal=`` in the spec it is estimated from
+    ``marginal_samples=N`` (default 1000) unguided samples with this run's solver, schedule,
+    ``steps`` and ``final`` on the branch the term reweights (the null class of a conditional
+    model), soft-labelled by the term's classifier (for ``variant=conditional``: the classifier's
+    prior on pure noise, no sampling); per-sample seeds ``10**9, 10**9 + 1, ...`` whatever
+    ``seed``; cached in ``marginal_cache=PATH`` (``none``: off; default
+    ``$DIFFSAMPLE_CACHE_DIR/marginals.json``), keyed by model (name and weight fingerprint),
+    dtype, sampler, terms below the Jeffrey term, Jeffrey variant / base / estimator,
+    ``marginal_samples`` and seed; a cache hit samples nothing
+    (:meth:`~diffsample.guidance.jeffrey.class_guidance.JeffreyGuidance.prepare`). Its model
+    evaluations are recorded in ``record["model_marginal"]``, not in the run's ``model_evals``. A
+    ``model_marginal=`` given in the spec is used as is.
 
     Args:
         model: ``None`` / ``"mnist"`` (bundled), a diffusers model folder, or a :class:`LoadedModel`.
@@ -171,24 +171,18 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         final: ``"zero"`` (denoise to sigma = 0) or ``"last"``.
         prompt, negative_prompt: text for a text-to-image pipeline folder (SD, SDXL, SD3, FLUX,
             PixArt), sampled with the native loop (:mod:`diffsample.pipelines`).
-        marginal_samples: unguided samples for an estimated Jeffrey model marginal (>= 1).
-        marginal_cache: JSON cache file of estimated model marginals; ``None``: the default
-            (``$DIFFSAMPLE_CACHE_DIR/marginals.json``, else ``~/.cache/diffsample/marginals.json``;
-            :func:`~diffsample.guidance.jeffrey.model_marginal.default_cache_path`); ``""`` or ``"none"``: no cache.
 
     Raises:
         ValueError: any bad argument (unknown names list the valid choices); an estimated model
             marginal that is zero on a class the Jeffrey target gives mass to.
     """
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                        ("marginal_samples", marginal_samples)):
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    resolve_cache_path(marginal_cache)  # an unusable explicit cache path is bad input, found before sampling
     sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
     loaded = model if isinstance(model, (LoadedModel, PipelineModel)) else load_model(model, device=device,
                                                                                         dtype=DTYPES[dtype])
@@ -219,11 +213,10 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     else:
         labels = default_classes(loaded, num_samples, class_label)
     loaded.cond(labels)  # validates every label's range before any sampling
-    terms, marginals = fill_model_marginals(terms, list(guidance), loaded, sampler, n=marginal_samples,
-                                            batch_size=batch_size, cache=marginal_cache,
-                                            progress=progress)
-    if any(m.source != "given" for m in marginals):
-        guided = apply_guidance(loaded, terms, cfg_scale, names)
+    prepared, reported = prepare_terms(terms, names, loaded, sampler, cfg_scale=cfg_scale, batch_size=batch_size,
+                                       progress=progress)
+    if any(new is not old for new, old in zip(prepared, terms)):
+        terms, guided = prepared, apply_guidance(loaded, prepared, cfg_scale, names)
     seeds = list(range(seed, seed + num_samples))
     outputs, nfe, model_evals, events = [], 0, 0.0, {}
     start = time.perf_counter()
@@ -244,7 +237,5 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "notes": notes,
     }
-    if marginals:
-        entries = [m.to_record() for m in marginals]
-        record["model_marginal"] = entries[0] if len(entries) == 1 else entries
+    record.update(reported)  # e.g. "model_marginal" from Jeffrey guidance
     return GenerateResult(images=loaded.to_images(samples), samples=samples, record=record)

@@ -1,9 +1,10 @@
 """Load a model as a diffsample ``Denoiser`` plus what guidance terms may use (``Resources``).
 
-``load_model(None)`` / ``load_model("mnist")`` gives the bundled class-conditional MNIST model
-(:mod:`diffsample.testbed.mnist`); a path (or hub id, when cached locally) names a diffusers model
-folder with ``unet/`` (a ``UNet2DModel``, optionally class-conditional via ``num_class_embeds``)
-and ``scheduler/``. Weights load only from safetensors; no remote code runs.
+``load_model(None)`` gives the testbed's default bundled model and ``load_model(NAME)`` a bundled
+model by name (:data:`diffsample.testbed.BUNDLED_MODELS`: the class-conditional MNIST model);
+a path (or hub id, when cached locally) names a diffusers model folder with ``unet/`` (a
+``UNet2DModel``, optionally class-conditional via ``num_class_embeds``) and ``scheduler/``.
+Weights load only from safetensors; no remote code runs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from diffsample.guidance.term import Cond, Resources
 from diffsample.solvers.noise_schedules import DiscreteVP
 
 from diffsample.samplers.denoisers import ModelDenoiser
-
-BUNDLED = "mnist"
+from diffsample.testbed import BUNDLED_MODELS, DEFAULT_MODEL
 
 
 class ModelLoadError(ValueError):
@@ -33,13 +33,17 @@ class LoadedModel:
     """A model ready for sampling.
 
     Attributes:
-        name: what was loaded (``"mnist"`` or the path / id).
+        name: what was loaded (a bundled model's name, or the path / id).
         denoiser: ``(x, t, cond) -> denoised`` in the model's native (VP) space.
         sample_shape: per-sample shape ``(C, H, W)``.
         resources: what guidance terms may use (classifiers, conditionality).
         num_classes: classes of a class-conditional model (labels ``0 .. num_classes - 1``), else ``None``.
         null_class: label of the unconditional branch, else ``None``.
         device, dtype: where and in which precision the network runs.
+        weight_files: the files whose content determines the network and its classifiers (cache
+            fingerprints hash them); empty for a model built in code.
+        metrics: names in :data:`diffsample.testbed.METRICS` that score its samples (first = its
+            default); empty when none fits.
     """
 
     name: str
@@ -50,6 +54,8 @@ class LoadedModel:
     null_class: int | None
     device: torch.device
     dtype: torch.dtype
+    weight_files: tuple[Path, ...] = ()
+    metrics: tuple[str, ...] = ()
 
     def cond(self, labels: Tensor | None) -> Cond | None:
         """Conditioning for class ``labels`` of shape ``(B,)`` (``None`` for unconditional models).
@@ -81,9 +87,19 @@ def _unet_fn(unet: torch.nn.Module):
     return model_fn
 
 
+def folder_weight_files(folder: str | os.PathLike) -> tuple[Path, ...]:
+    """The files of a diffusers model folder that determine the model: ``unet/*.safetensors``
+    (sorted), ``unet/config.json`` and ``scheduler/scheduler_config.json``, those that exist."""
+    folder = Path(folder)
+    files = sorted((folder / "unet").glob("*.safetensors")) + [folder / "unet" / "config.json",
+                                                               folder / "scheduler" / "scheduler_config.json"]
+    return tuple(f for f in files if f.is_file())
+
+
 def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load the bundled MNIST model (``None`` / ``"mnist"``) or a diffusers model folder.
+    """Load a bundled model (``None``: the default one; a name in
+    :data:`diffsample.testbed.BUNDLED_MODELS`) or a diffusers model folder.
 
     Raises:
         ModelLoadError: the folder or its ``unet/`` / ``scheduler/`` is missing, it has no
@@ -92,20 +108,19 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     from diffusers import UNet2DModel
 
     device = torch.device(device)
-    if spec is None or str(spec) == BUNDLED:
-        from diffsample.testbed import mnist
-
-        unet = mnist.load_unet(device=device, dtype=dtype)
-        config = mnist.load_scheduler_config()
-        name, folder = BUNDLED, None
-        classifier = mnist.load_noisy_classifier(device=device)
-        clean = mnist.load_classifier(device=device)
+    if spec is None or str(spec) in BUNDLED_MODELS:
+        name = DEFAULT_MODEL if spec is None else str(spec)
+        bundled = BUNDLED_MODELS[name](device=device, dtype=dtype)
+        unet, config = bundled.unet, bundled.scheduler_config
+        classifier, clean = bundled.classifier, bundled.clean_classifier
+        weight_files, metrics = tuple(bundled.weight_files), tuple(bundled.metrics)
     else:
         folder = Path(spec)
         name = str(spec)
         if not folder.is_dir():
             raise ModelLoadError(f"model {name!r} not found: not a local folder (hub downloads are off; "
-                                 "point --model at a diffusers model folder or use the bundled 'mnist')")
+                                 "point --model at a diffusers model folder or use a bundled model: "
+                                 f"{', '.join(BUNDLED_MODELS)})")
         if _is_pipeline_folder(folder):
             return load_pipeline(folder, device=device, dtype=dtype)
         if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
@@ -122,6 +137,7 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
 
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         classifier = clean = None
+        weight_files, metrics = folder_weight_files(folder), ()
     prediction_type = config.get("prediction_type", "epsilon")
     noise_schedule = DiscreteVP.from_config(config)
     try:
@@ -134,7 +150,7 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     resources = Resources(classifier=classifier, clean_classifier=clean, num_classes=num_classes,
                           conditional=num_classes is not None)
     return LoadedModel(name, denoiser, sample_shape, resources, num_classes,
-                       num_classes if num_classes is not None else None, device, dtype)
+                       num_classes if num_classes is not None else None, device, dtype, weight_files, metrics)
 
 
 @dataclass

@@ -1,5 +1,8 @@
 """FID/NFE sweep engine: a grid of solvers x step schedules x steps (x guidance) on one model.
 
+Cells are scored with a metric of the testbed (:data:`diffsample.testbed.METRICS`, e.g.
+``mnist-fd``) that fits the model (``LoadedModel.metrics``), or not at all (``"none"``).
+
 Each finished cell is appended as one JSON line to ``results.jsonl`` (flushed and fsynced), so an
 interrupted sweep resumes where it stopped: cells already in the file are skipped, a cell cut off
 mid-way is simply run again; none is lost or done twice.
@@ -16,8 +19,12 @@ from typing import Any
 
 from diffsample.run.generate import build_guided, build_sampler, generate
 from diffsample.run.models import LoadedModel
+from diffsample.testbed import DEFAULT_METRIC
+from diffsample.testbed import METRICS as TESTBED_METRICS
 
-METRICS = ("mnist-fd", "none")
+NO_METRIC = "none"
+METRICS = (*TESTBED_METRICS, NO_METRIC)
+"""Valid ``metric`` values: the testbed's metrics and ``"none"``."""
 RESULTS = "results.jsonl"
 
 
@@ -41,34 +48,33 @@ def read_results(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def _score(metric: str, samples, classes) -> dict[str, float]:
-    if metric == "none":
+    if metric == NO_METRIC:
         return {}
-    from diffsample.testbed import mnist
+    return TESTBED_METRICS[metric].score(samples, classes)
 
-    x = samples.clamp(-1, 1)
-    out = {"mnist_fd": mnist.mnist_fd(x)}
-    if classes is not None:
-        import torch
 
-        out["class_accuracy"] = mnist.class_accuracy(x, torch.as_tensor(classes))
-    return out
+def _headline(rows: Sequence[dict[str, Any]]) -> str:
+    """The value tables and plots show: the headline score of the metric in the rows, else wall time."""
+    return next((m.headline for m in TESTBED_METRICS.values() if rows and m.headline in rows[0]), "wall_time_s")
 
 
 def run_sweep(model: LoadedModel, out_dir: str | os.PathLike, *, solvers: Sequence[str], schedules: Sequence[str],
               steps: Sequence[int], guidance: Sequence[Sequence[str]] = ((),), cfg_scale: float | None = None,
-              num_samples: int = 1000, seed: int = 0, batch_size: int = 250, metric: str = "mnist-fd",
+              num_samples: int = 1000, seed: int = 0, batch_size: int = 250, metric: str = DEFAULT_METRIC,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run every cell not yet in ``out_dir/results.jsonl``; return all rows of this grid.
 
+    ``metric``: a name in :data:`METRICS` that fits ``model`` (``model.metrics``), or ``"none"``.
+
     Raises:
-        ValueError: unknown solver / schedule / guidance / metric, or bad counts — all checked
-            before the first cell runs.
+        ValueError: unknown solver / schedule / guidance / metric, a metric that does not fit the
+            model, or bad counts — all checked before the first cell runs.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
-    if metric == "mnist-fd" and model.name != "mnist":
-        raise ValueError("metric 'mnist-fd' needs the bundled MNIST model; use --metric none for other models "
-                         "(Inception FID weights cannot be downloaded here)")
+    if metric != NO_METRIC and metric not in model.metrics:
+        raise ValueError(f"metric {metric!r} needs {TESTBED_METRICS[metric].needs}; use --metric none for other "
+                         "models (Inception FID weights cannot be downloaded here)")
     cells = list(itertools.product(solvers, schedules, steps, [tuple(g) for g in guidance]))
     for solver, schedule, n, terms in cells:  # validate everything first
         build_guided(model, terms, cfg_scale, build_sampler(solver, schedule, n))
@@ -90,22 +96,23 @@ def run_sweep(model: LoadedModel, out_dir: str | os.PathLike, *, solvers: Sequen
             result = generate(model, solver=solver, schedule=schedule, steps=n, guidance=terms, cfg_scale=cfg_scale,
                               seed=seed, num_samples=num_samples, batch_size=batch_size)
             rec = result.record
+            scores = _score(metric, result.samples, rec["classes"])
             row = {**key_row, "nfe": rec["nfe"], "model_evals": rec["model_evals"],
-                   "wall_time_s": rec["wall_time_s"], **_score(metric, result.samples, rec["classes"]),
-                   "versions": rec["versions"], "date": rec["date"]}
+                   "wall_time_s": rec["wall_time_s"], **scores, "versions": rec["versions"], "date": rec["date"]}
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
             done[cell_key(row)] = row
             rows.append(row)
             log(f"{solver:>14s} {schedule:>14s} steps={n:<4d} nfe={row['nfe']:<4d} "
-                + " ".join(f"{k}={v:.3f}" for k, v in row.items() if k in ("mnist_fd", "class_accuracy")))
+                + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows = solver / schedule / guidance, columns = NFE; cells = MNIST-FD (or wall time)."""
-    value = "mnist_fd" if rows and "mnist_fd" in rows[0] else "wall_time_s"
+    """Rows = solver / schedule / guidance, columns = NFE; cells = the metric's headline score
+    (e.g. MNIST-FD), or wall time without a metric."""
+    value = _headline(rows)
     nfes = sorted({r["nfe"] for r in rows})
     groups: dict[str, dict[int, float]] = {}
     for r in rows:
@@ -119,13 +126,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """FD (or wall time) vs NFE, log-log, one line per configuration."""
+    """The metric's headline score (or wall time) vs NFE, log-log, one line per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    value = "mnist_fd" if rows and "mnist_fd" in rows[0] else "wall_time_s"
+    value = _headline(rows)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     groups: dict[str, list[tuple[int, float]]] = {}
     for r in rows:

@@ -3,24 +3,27 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from diffsample.guidance._common import GuidedDenoiser
-from diffsample.guidance.term import Cond, Denoiser
+from diffsample.guidance.term import Cond, Denoiser, PrepareContext
 from diffsample.guidance.classifier import BASES, ESTIMATORS, base_cond, check_choice, guided_denoised
 from diffsample.guidance.jeffrey.class_marginal import log_weights
+from diffsample.guidance.jeffrey.model_marginal import ModelMarginal, check_count, model_marginal_for, resolve_cache_path
 from diffsample.guidance.jeffrey.twist import TDS, TwistedDenoiser
 
 VARIANTS = ("score", "conditional")
+DEFAULT_MARGINAL_SAMPLES = 1000
 
 
 @dataclass(frozen=True)
 class JeffreyGuidance:
-    r"""Jeffrey marginal guidance (arXiv 2606.13240; methods-guidance.md section 3.2).
+    r"""Jeffrey marginal guidance (arXiv 2606.13240).
 
     Target ``q(x, y) = p(x | y) p*(y) = p(x, y) w(y)`` with ``w = p* / p_theta``. Diffusing ``q``
     gives the exact guided score
@@ -32,16 +35,17 @@ class JeffreyGuidance:
     grad log G_t``. A point-mass target is classifier guidance; ``p* = p_theta`` is no guidance.
 
     Args:
-        target: ``(K,)`` target marginal ``p*(y)`` (see :func:`.marginal.parse_target`).
+        target: ``(K,)`` target marginal ``p*(y)`` (see :func:`.class_marginal.parse_target`).
         model_marginal: ``(K,)`` marginal ``p_theta(y)`` of the *guided branch* under the same
-            sampler; ``None`` until set with :meth:`with_model_marginal` (calling the wrapped
-            denoiser before raises). :func:`diffsample.generate` (and ``diffsample generate``) fills
-            a missing one: estimated from unguided samples of the run's sampler and cached
-            (:func:`diffsample.guidance.jeffrey.model_marginal.model_marginal_for`); by hand, estimate it with
-            :func:`.marginal.estimate_marginal`. For the
-            ``"conditional"`` variant this is the class prior ``p(y)`` implicit in the classifier
-            (``p_t(x | y) ∝ p_t(y | x) / p(y)``; :func:`.marginal.classifier_prior`), since the
-            class-conditional model already carries ``p(x | y)``.
+            sampler; ``None`` until set with :meth:`with_model_marginal` or :meth:`prepare`
+            (calling the wrapped denoiser before raises). :func:`diffsample.generate` (and
+            ``diffsample generate``) calls :meth:`prepare`, which fills a missing one: estimated
+            from ``marginal_samples`` unguided samples of the run's sampler and cached in
+            ``marginal_cache`` (:func:`.model_marginal.model_marginal_for`); by hand, estimate it
+            with :func:`.class_marginal.estimate_marginal`. For the ``"conditional"`` variant this
+            is the class prior ``p(y)`` implicit in the classifier (``p_t(x | y) ∝ p_t(y | x) /
+            p(y)``; :func:`.class_marginal.classifier_prior`), since the class-conditional model
+            already carries ``p(x | y)``.
         classifier: noise-aware ``(x_t, t) -> logits (B, K)`` (``estimator="noisy"``, default).
         clean_classifier: ``x0 -> logits`` on the Tweedie estimate (``estimator="tweedie"``, the
             plug-in ``p(y | D(x_t))``; one VJP through the denoiser per call; biased).
@@ -53,20 +57,29 @@ class JeffreyGuidance:
         base: branch of a conditional model that is reweighted (``"unconditional"`` = ``cond.negative``).
         label_key: the model keyword carrying class labels (``"conditional"`` variant).
         prune: drop classes with ``q_t(y | x_t) <= prune`` in the conditional variant (then renormalise).
-        log_w_clip: optional clip of finite ``log w`` to ``[-c, c]`` (methods-guidance.md 3.4).
-        tds: :class:`~.tds.TDS` settings to run twisted SMC (arXiv 2306.17775; methods-guidance.md
-            3.3 option 3): ``particles`` chains per output, proposal = this term's guided denoiser,
+        log_w_clip: optional clip of finite ``log w`` to ``[-c, c]``.
+        tds: :class:`~.twist.TDS` settings to run twisted SMC (arXiv 2306.17775):
+            ``particles`` chains per output, proposal = this term's guided denoiser,
             twist ``G_t`` from the estimator, final weight the potential ``G(x_0)``; asymptotically
             exact in the number of particles even with a biased estimator (the Tweedie plug-in or a
             weak noise-aware classifier). Needs a stochastic solver and ``variant="score"``;
             ``scale`` then shapes only the proposal. ``None``: one plain guided chain.
+        marginal_samples: unguided samples (noise draws for ``variant="conditional"``) of the
+            estimate :meth:`prepare` makes when ``model_marginal`` is ``None`` (>= 1).
+        marginal_cache: JSON cache of estimated model marginals; ``None``: the default
+            (``$DIFFSAMPLE_CACHE_DIR/marginals.json``, else ``~/.cache/diffsample/marginals.json``;
+            :func:`.model_marginal.default_cache_path`); ``""`` or ``"none"``: no cache.
 
     Raises:
         ValueError: shapes of target / model marginal differ; a model marginal estimated as 0
-            (:func:`.marginal.log_weights`); unknown estimator / variant / base; the classifier the
-            estimator needs is missing; at call time, no model marginal, or a classifier whose
-            number of classes differs from the target's.
+            (:func:`.class_marginal.log_weights`); unknown estimator / variant / base; the
+            classifier the estimator needs is missing; ``marginal_samples`` not an integer >= 1;
+            an explicit ``marginal_cache`` that cannot be written (a directory, under a file, no
+            permission); at call time, no model marginal, or a classifier whose number of
+            classes differs from the target's.
     """
+
+    calls_model_branches: ClassVar[bool] = True  # picks the model's branches itself
 
     target: Tensor
     model_marginal: Tensor | None = None
@@ -80,8 +93,12 @@ class JeffreyGuidance:
     prune: float = 0.0
     log_w_clip: float | None = None
     tds: TDS | None = None
+    marginal_samples: int = DEFAULT_MARGINAL_SAMPLES
+    marginal_cache: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
+        check_count("marginal_samples", self.marginal_samples, 1)
+        resolve_cache_path(self.marginal_cache)  # an unusable explicit path is bad input, found before sampling
         check_choice(self.estimator, ESTIMATORS, "Jeffrey estimator")
         check_choice(self.variant, VARIANTS, "Jeffrey variant")
         check_choice(self.base, BASES, "Jeffrey base")
@@ -108,8 +125,8 @@ class JeffreyGuidance:
         """
         if self.model_marginal is None:
             raise ValueError("Jeffrey guidance needs the model marginal p_theta(y) of the unguided sampler: "
-                             "estimate it (diffsample.guidance.jeffrey.model_marginal.model_marginal_for, which "
-                             "diffsample.generate calls for you, or diffsample.guidance.jeffrey.class_marginal.estimate_marginal) "
+                             "estimate it (JeffreyGuidance.prepare, which diffsample.generate calls for you, "
+                             "or diffsample.guidance.jeffrey.class_marginal.estimate_marginal) "
                              "and pass model_marginal=... or call with_model_marginal(...)")
         return log_weights(self.target, self.model_marginal, self.log_w_clip)
 
@@ -117,8 +134,28 @@ class JeffreyGuidance:
         """A copy using ``model_marginal`` ``(K,)`` as ``p_theta``."""
         return replace(self, model_marginal=torch.as_tensor(model_marginal, dtype=torch.float64))
 
+    def prepare(self, context: PrepareContext) -> "JeffreyGuidance":
+        """The term with its model marginal (:class:`~diffsample.guidance.term.Preparable`): a
+        given ``model_marginal`` is kept; a missing one comes from the cache or is estimated with
+        ``marginal_samples`` unguided samples of the run's sampler on ``context.denoiser`` (seeds
+        ``10**9, 10**9 + 1, ...``; :func:`.model_marginal.model_marginal_for`). Reports
+        ``{"model_marginal": ...}`` (:meth:`.model_marginal.ModelMarginal.to_record`: ``probs``,
+        ``n``, ``source`` = ``"estimated"`` / ``"cache"`` / ``"given"``, cache key and path, the
+        ``model_evals`` spent, which a run's own ``model_evals`` does not include).
+
+        Raises:
+            ValueError: as :func:`.model_marginal.model_marginal_for`; an estimated marginal that
+                is zero on a class the target gives mass to (:func:`.class_marginal.log_weights`).
+        """
+        if self.model_marginal is not None:
+            context.report({"model_marginal": ModelMarginal.given(self.model_marginal).to_record()})
+            return self
+        found = model_marginal_for(self, context, n=self.marginal_samples, cache=self.marginal_cache)
+        context.report({"model_marginal": found.to_record()})
+        return self.with_model_marginal(found.estimate.probs)
+
     def recalibrated(self, achieved: Tensor) -> "JeffreyGuidance":
-        """One recalibration round (iterative proportional fitting, methods-guidance.md 3.3):
+        """One recalibration round (iterative proportional fitting):
         ``w <- w p* / p_guided`` where ``achieved = p_guided`` ``(K,)`` was measured on samples of
         this term, i.e. ``p_theta <- p_theta p_guided / p*`` on the target's support.
 

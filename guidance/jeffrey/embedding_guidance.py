@@ -1,5 +1,5 @@
-"""Jeffrey guidance with an embedding target (arXiv 2606.13240; methods-guidance.md sections 3.3-3.4):
-a linear logistic *ratio classifier* on feature embeddings, and the Tweedie plug-in guidance term
+"""Jeffrey guidance with an embedding target (arXiv 2606.13240;
+docs/methods/jeffrey.md#embedding-targets-jeffrey_embedding): a linear logistic *ratio classifier* on feature embeddings, and the Tweedie plug-in guidance term
 ``scale * grad_{x_t} log w(f(D(x_t)))``.
 
 The target is given as a set of samples (e.g. real images), not as a class marginal. With
@@ -10,6 +10,8 @@ unguided model samples (label 0): ``log w(e) = logit c(e)`` (balanced classes).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import math
 import os
@@ -95,7 +97,7 @@ def _newton_logistic(z: Tensor, y: Tensor, c: Tensor, l2: float, max_iter: int, 
 @dataclass(frozen=True, eq=False)
 class RatioClassifier:
     r"""Linear logistic density-ratio classifier on standardized embeddings
-    (methods-guidance.md section 3.3, "Continuous or embedding y").
+    (docs/methods/jeffrey.md#embedding-targets-jeffrey_embedding).
 
     ``log_ratio(e) = weight . (e - mean) / std + bias`` estimates ``log p*(e) / p_theta(e)``: the
     logit of ``c(e) = P(target | e)`` fitted with *balanced* classes (each class has total weight
@@ -264,7 +266,7 @@ class RatioClassifier:
 @dataclass(frozen=True)
 class JeffreyEmbedding:
     r"""Jeffrey guidance towards a target *set* in an embedding space, Tweedie plug-in
-    (arXiv 2606.13240; methods-guidance.md sections 3.3-3.4, estimator option 2):
+    (arXiv 2606.13240; docs/methods/jeffrey.md#embedding-targets-jeffrey_embedding):
 
     ``grad log q_t(x_t) ~ grad log p_t(x_t) + scale * grad_{x_t} log w(f(D(x_t)))``,
 
@@ -276,12 +278,12 @@ class JeffreyEmbedding:
 
     Exact when ``log w`` is linear in ``x0`` and ``p_theta`` is Gaussian (then
     ``E[w(x0) | x_t] ∝ w(D(x_t))``); in general biased (it under-corrects on mixtures, like the
-    class plug-in, methods-guidance.md 3.8). The thesis behind the defaults (github.com/Sausi9/thesis,
+    class plug-in). The thesis behind the defaults (github.com/Sausi9/thesis,
     not the paper's code) guides only the last 2% of the trajectory, clips the logit to +-20 and
     the gradient norm at 100; restrict the window with :func:`.interval.within` (VE sigma).
 
     Cost per call: 1 NFE plus one VJP through the denoiser (``model_evals`` 3 per row: a backward
-    counts 2, DESIGN.md 6.3), plus one forward and backward of ``features`` (not in ``model_evals``).
+    counts 2, docs/design.md#nfe-and-model_evals), plus one forward and backward of ``features`` (not in ``model_evals``).
 
     Args:
         ratio: the fitted :class:`RatioClassifier` (``d`` features).
@@ -299,6 +301,8 @@ class JeffreyEmbedding:
             ``scale < 0`` or non-finite, ``grad_clip`` / ``logit_clip`` not ``> 0``, unknown
             ``base``; at call time, ``features`` returning anything but a ``(B, d)`` tensor.
     """
+
+    calls_model_branches: ClassVar[bool] = True  # picks the model's branches itself
 
     ratio: RatioClassifier
     features: Features
@@ -398,8 +402,8 @@ def feature_map(resources: Resources) -> tuple[Features, int | None]:
     return features, (int(dim) if isinstance(dim, int) else None)
 
 
-def _jeffrey_embedding(resources: Resources, ratio=None, scale: float = 1.0, sigma_lo: float = 0.0,
-                       sigma_hi: float = math.inf, grad_clip=None, logit_clip=20.0) -> Guidance:
+def jeffrey_embedding_factory(resources: Resources, ratio=None, scale: float = 1.0, sigma_lo: float = 0.0,
+                              sigma_hi: float = math.inf, grad_clip=None, logit_clip=20.0) -> Guidance:
     """Registry factory: ``jeffrey_embedding:ratio=FILE.safetensors[,scale=..,sigma_lo=..,sigma_hi=..,
     grad_clip=..,logit_clip=..]`` (features from :func:`feature_map`; ``logit_clip=None`` disables)."""
     if ratio is None:

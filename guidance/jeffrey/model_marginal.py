@@ -1,24 +1,24 @@
 """The model marginal ``p_theta(y)`` that Jeffrey guidance divides by, estimated on demand and cached.
 
-Jeffrey guidance reweights the model's own joint by ``w(y) = p*(y) / p_theta(y)``
-(methods-guidance.md section 3.3), where ``p_theta(y)`` is the class marginal of the *unguided
-sampler* on the branch the term reweights. :func:`model_marginal_for` obtains it:
+Jeffrey guidance reweights the model's own joint by ``w(y) = p*(y) / p_theta(y)`` (arXiv
+2606.13240), where ``p_theta(y)`` is the class marginal of the *unguided sampler* on the branch
+the term reweights. :func:`model_marginal_for` obtains it, from what the run offers in a
+:class:`~diffsample.guidance.term.PrepareContext` (the term's ``prepare`` step calls it):
 
-* ``variant="score"``: ``n`` unguided samples with the same sampler (solver, step schedule,
+* ``variant="score"``: ``n`` unguided samples with the run's sampler (solver, step schedule,
   ``steps``, ``final``) on the term's base branch (``base="unconditional"``: the null / negative
   condition of a class-conditional model; an unconditional model as is), each soft-labelled by the
   classifier the term's estimator uses for ``p(y | x0)``: ``estimator="noisy"`` -> the noise-aware
-  classifier at the schedule's smallest time ``t_min`` (timestep 0 for a DDPM model, as
-  ``benchmarks/guidance_mnist.py`` does); ``"tweedie"`` -> the clean classifier on the samples.
-  ``p_theta(y) = (1/n) sum_i p(y | x_i)``.
+  classifier at the schedule's smallest time ``t_min`` (timestep 0 for a DDPM model);
+  ``"tweedie"`` -> the clean classifier on the samples. ``p_theta(y) = (1/n) sum_i p(y | x_i)``.
 * ``variant="conditional"``: the class prior implicit in the noise-aware classifier, its mean
   output on pure noise at ``t_max`` (:func:`diffsample.guidance.jeffrey.class_marginal.classifier_prior`); no
   model evaluation.
 
 Seeds: sample ``i`` of an estimate with seed ``s`` uses the per-sample seed
 ``MARGINAL_SEED_BASE + s + i`` (``MARGINAL_SEED_BASE = 10**9``), so it never shares noise with a
-run's own samples (seeds ``0 .. 10**9 - 1``). :func:`~diffsample.run.generate.generate` uses
-``s = 0`` whatever its ``seed``, so every run of one model and sampler shares one estimate.
+run's own samples (seeds ``0 .. 10**9 - 1``). The term's ``prepare`` uses ``s = 0`` whatever the
+run's seed, so every run of one model and sampler shares one estimate.
 
 Cache: a JSON file (default ``$DIFFSAMPLE_CACHE_DIR/marginals.json``, else
 ``$XDG_CACHE_HOME/diffsample/marginals.json``, else ``~/.cache/diffsample/marginals.json``) maps a
@@ -40,25 +40,18 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.guidance.classifier import base_cond
-from diffsample.guidance.interval import windowed_term, with_windowed_term
-from diffsample.guidance.jeffrey.class_guidance import JeffreyGuidance
 from diffsample.guidance.jeffrey.class_marginal import (SUM_TOL, MarginalEstimate, classifier_prior, estimate_marginal,
-                                          save_marginal)
-
-from diffsample.run.models import LoadedModel
-from diffsample.samplers.sampler import Sampler
-from diffsample.samplers.seeds import seeded_noise, seeded_run
+                                                        save_marginal)
+from diffsample.guidance.term import PrepareContext
 
 MARGINAL_SEED_BASE = 10**9
 """Per-sample seeds of a marginal estimate start here (disjoint from the seeds users sample with)."""
@@ -70,6 +63,18 @@ _WHOLE_FILE = 8 << 20  # files up to 8 MiB are hashed whole; larger ones by 16 b
 _BLOCK, _BLOCKS = 64 << 10, 16
 
 
+class MarginalTerm(Protocol):
+    """What an estimate reads of a Jeffrey term
+    (:class:`~diffsample.guidance.jeffrey.class_guidance.JeffreyGuidance`)."""
+
+    target: Tensor
+    variant: str
+    base: str
+    estimator: str
+    classifier: Any
+    clean_classifier: Any
+
+
 @dataclass(frozen=True)
 class ModelMarginal:
     """A model marginal and where it came from.
@@ -77,7 +82,7 @@ class ModelMarginal:
     Attributes:
         estimate: the marginal (``probs`` ``(K,)``, ``n`` samples, ``kind``).
         source: ``"estimated"`` (sampled now), ``"cache"`` (read from the cache, nothing sampled)
-            or ``"given"`` (set by the user, ``model_marginal=``).
+            or ``"given"`` (set by the user, ``model_marginal=``; see :meth:`given`).
         key: the cache key (``None`` when given).
         cache_path: the cache file used, or ``None`` (caching off, or given).
         model_evals: network passes spent now, in forward-equivalents summed over all samples
@@ -95,6 +100,11 @@ class ModelMarginal:
     nfe: int = 0
     wall_time_s: float = 0.0
     seeds: tuple[int, int] | None = None
+
+    @classmethod
+    def given(cls, probs: Tensor) -> "ModelMarginal":
+        """A marginal ``probs`` ``(K,)`` set by the user: nothing estimated, nothing cached."""
+        return cls(MarginalEstimate(torch.as_tensor(probs, dtype=torch.float64), 0, "given"), "given")
 
     def to_record(self) -> dict[str, Any]:
         """JSON-serialisable summary for a run record (``run.json``)."""
@@ -215,46 +225,29 @@ def _file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _weight_files(loaded: LoadedModel) -> list[Path]:
-    """The files whose content determines ``loaded`` and its classifiers (empty when unknown)."""
-    if loaded.name == "mnist":
-        from diffsample.testbed import mnist
-
-        folder = mnist.MODEL_DIR
-        extra = [mnist.WEIGHTS_DIR / "classifier.safetensors", mnist.WEIGHTS_DIR / "noisy_classifier.safetensors"]
-    else:
-        folder, extra = Path(loaded.name), []
-        if not folder.is_dir():
-            return []
-    files = sorted((folder / "unet").glob("*.safetensors")) + [folder / "unet" / "config.json",
-                                                               folder / "scheduler" / "scheduler_config.json"]
-    return [f for f in files + extra if f.is_file()]
-
-
-def model_identity(loaded: LoadedModel) -> str:
-    """``name@fingerprint``: the model name plus a short hash over the content of its weight and
-    config files (whole files up to 8 MiB, sampled blocks beyond; a copied folder keeps its
-    identity, retrained weights change it). Just the name for a model without known files (e.g. a
-    :class:`LoadedModel` built in code)."""
-    files = _weight_files(loaded)
+def model_identity(name: str, weight_files: Sequence[str | os.PathLike] = ()) -> str:
+    """``name@fingerprint``: the model name plus a short hash over the content of ``weight_files``
+    (those that exist; whole files up to 8 MiB, sampled blocks beyond; a copied folder keeps its
+    identity, retrained weights change it). Just ``name`` when there are none (e.g. a model built
+    in code)."""
+    files = [Path(f) for f in weight_files if Path(f).is_file()]
     if not files:
-        return loaded.name
+        return name
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         h.update(_file_fingerprint(f).encode())
-    return f"{loaded.name}@{h.hexdigest()[:16]}"
+    return f"{name}@{h.hexdigest()[:16]}"
 
 
-def marginal_key_fields(term: JeffreyGuidance, loaded: LoadedModel, sampler: Sampler, *, n: int, seed: int,
-                        below: Sequence[str] = ()) -> dict[str, Any]:
+def marginal_key_fields(term: MarginalTerm, context: PrepareContext, *, n: int, seed: int) -> dict[str, Any]:
     """Everything that determines the estimate of ``term``'s model marginal (see the module docstring)."""
-    fields: dict[str, Any] = {"model": model_identity(loaded), "dtype": str(loaded.dtype).removeprefix("torch."),
+    fields: dict[str, Any] = {"model": model_identity(context.model, context.weight_files), "dtype": context.dtype,
                               "variant": term.variant}
     if term.variant == "score":
-        fields.update(base=term.base, estimator=term.estimator, solver=repr(sampler.solver),
-                      step_schedule=repr(sampler.step_schedule), steps=sampler.steps, final=sampler.final,
-                      below=list(below))
+        fields.update(base=term.base, estimator=term.estimator,
+                      **{k: context.sampler[k] for k in ("solver", "step_schedule", "steps", "final")},
+                      below=list(context.below))
     else:
         fields.update(estimator="classifier_prior")
     fields.update(n=n, seed=seed)
@@ -267,98 +260,87 @@ def marginal_key(fields: Mapping[str, Any]) -> str:
 
 
 # ---- estimation -----------------------------------------------------------------------------------
-def _check_int(name: str, value: Any, lo: int) -> int:
+def check_count(name: str, value: Any, lo: int) -> int:
+    """``value`` if it is an integer (not a bool) ``>= lo``.
+
+    Raises:
+        ValueError: otherwise, naming ``name``.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return value
 
 
-def _sample_marginal(term: JeffreyGuidance, loaded: LoadedModel, sampler: Sampler, denoiser: Denoiser,
-                     seeds: list[int], batch_size: int, progress: bool) -> tuple[MarginalEstimate, float, int]:
+def _sample_marginal(term: MarginalTerm, context: PrepareContext, seeds: list[int]) -> tuple[MarginalEstimate, float, int]:
     """``(soft-label estimate, model evals summed over samples, nfe per sample)``: unguided samples
     labelled by the classifier of ``term``'s estimator (noise-aware at ``t_min``, or the clean one)."""
-    if term.base == "conditional" and loaded.num_classes is not None:
+    if term.base == "conditional" and context.num_classes is not None:
         raise ValueError("estimating the model marginal of a Jeffrey term with base='conditional' on a "
                          "class-conditional model is not supported (p_theta(y) would depend on each row's "
                          "class); estimate it yourself and pass model_marginal=...")
-    sampler = replace(sampler, progress=False)
-    t_min = float(denoiser.noise_schedule.t_min)
-    xs, evals, nfe = [], 0.0, 0
-    for lo in tqdm(range(0, len(seeds), batch_size), disable=not progress, leave=False, desc="model marginal"):
-        batch = seeds[lo:lo + batch_size]
-        labels = None if loaded.num_classes is None else torch.zeros(len(batch), dtype=torch.long)
-        cond = base_cond(loaded.cond(labels), term.base)
-        result = sampler(denoiser, cond=cond, **seeded_run(batch, loaded.sample_shape, loaded.device))
-        xs.append(result.x)
-        evals += result.model_evals * len(batch)
-        nfe = result.nfe
+    t_min = float(context.denoiser.noise_schedule.t_min)
+
+    def cond_fn(b: int):
+        labels = None if context.num_classes is None else torch.zeros(b, dtype=torch.long)
+        return base_cond(context.model_cond(labels), term.base)
+
+    samples = context.sample_unguided(context.denoiser, seeds, cond_fn)
 
     def classify(x: Tensor) -> Tensor:
         if term.estimator == "noisy":
             return term.classifier(x, torch.full((x.shape[0],), t_min, dtype=x.dtype, device=x.device))
         return term.clean_classifier(x)
 
-    return estimate_marginal(torch.cat(xs), classify, kind="soft", batch_size=batch_size), evals, nfe
+    est = estimate_marginal(samples.x, classify, kind="soft", batch_size=context.batch_size)
+    return est, samples.model_evals, samples.nfe
 
 
-def _classifier_prior(term: JeffreyGuidance, loaded: LoadedModel, denoiser: Denoiser, seeds: list[int],
-                      batch_size: int) -> MarginalEstimate:
+def _classifier_prior(term: MarginalTerm, context: PrepareContext, seeds: list[int]) -> MarginalEstimate:
     """:func:`diffsample.guidance.jeffrey.class_marginal.classifier_prior` over seeded noise scaled to the marginal
-    std at ``t_max``, in batches of ``batch_size``."""
-    ns = denoiser.noise_schedule
+    std at ``t_max``, in batches of ``context.batch_size``."""
+    ns = context.denoiser.noise_schedule
     t_max = float(ns.t_max)
     t64 = torch.tensor([t_max], dtype=torch.float64)
     scale = math.hypot(float(ns.alpha(t64)), float(ns.sigma(t64)))
     total = 0.0
-    for lo in range(0, len(seeds), batch_size):
-        noise = seeded_noise(seeds[lo:lo + batch_size], loaded.sample_shape, device=loaded.device) * scale
+    for lo in range(0, len(seeds), context.batch_size):
+        noise = context.noise(seeds[lo:lo + context.batch_size]) * scale
         total = total + classifier_prior(term.classifier, noise, t_max).probs * noise.shape[0]
     return MarginalEstimate(total / len(seeds), len(seeds), "prior")
 
 
-def _num_classes(term: JeffreyGuidance) -> int:
-    return term.target.numel()
-
-
-def model_marginal_for(term: JeffreyGuidance, loaded: LoadedModel, sampler: Sampler, *, n: int = 1000,
-                       seed: int = 0, batch_size: int = 64, cache: str | os.PathLike | None = None,
-                       denoiser: Denoiser | None = None, below: Sequence[str] = (),
-                       progress: bool = False) -> ModelMarginal:
+def model_marginal_for(term: MarginalTerm, context: PrepareContext, *, n: int = 1000, seed: int = 0,
+                       cache: str | os.PathLike | None = None) -> ModelMarginal:
     """The model marginal ``p_theta(y)`` that ``term`` needs, from the cache or estimated (see the
     module docstring for what is sampled and classified).
 
     Args:
         term: the Jeffrey term (its ``variant``, ``base``, ``estimator`` and classifiers are used;
             its own ``model_marginal`` is ignored).
-        loaded: the model (sample shape, device, conditioning, identity for the cache key).
-        sampler: the sampler of the run; the estimate uses the same solver, step schedule, steps
-            and ``final``.
+        context: what the run offers: the denoiser chain below the term (``context.below`` names
+            it, part of the key), unguided sampling with the run's sampler, seeded noise, the
+            model's conditioning, identity and dtype, ``batch_size`` (does not change the
+            estimate) and the progress flag.
         n: number of unguided samples (or noise draws for the conditional variant), >= 1.
         seed: sample ``i`` uses the per-sample seed ``MARGINAL_SEED_BASE + seed + i``.
-        batch_size: samples per sampler call (does not change the estimate).
         cache: the JSON cache file; ``None`` -> :func:`default_cache_path`; ``""`` or ``"none"``
             -> no caching.
-        denoiser: the denoiser ``term`` wraps (default ``loaded.denoiser``); pass the chain of the
-            guidance terms applied before it, and name them in ``below`` (part of the key).
-        below: specs of the guidance terms inside ``denoiser``.
-        progress: show a progress bar over batches.
 
     Returns:
         A :class:`ModelMarginal`; ``source="cache"`` means nothing was sampled.
 
     Raises:
-        ValueError: ``n``, ``seed`` or ``batch_size`` out of range; an unusable explicit ``cache``
-            path; base ``"conditional"`` on a class-conditional model (see below); a classifier
+        ValueError: ``n``, ``seed`` or ``context.batch_size`` out of range; an unusable explicit
+            ``cache`` path; base ``"conditional"`` on a class-conditional model; a classifier
             whose number of classes differs from the target's.
     """
-    n = _check_int("marginal_samples", n, 1)
-    seed = _check_int("marginal seed", seed, 0)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    n = check_count("marginal_samples", n, 1)
+    seed = check_count("marginal seed", seed, 0)
+    check_count("batch_size", context.batch_size, 1)
     path = resolve_cache_path(cache)
-    denoiser = loaded.denoiser if denoiser is None else denoiser
-    fields = marginal_key_fields(term, loaded, sampler, n=n, seed=seed, below=below)
+    fields = marginal_key_fields(term, context, n=n, seed=seed)
     key = marginal_key(fields)
-    k = _num_classes(term)
+    k = term.target.numel()
     start = time.perf_counter()
     if path is not None:
         data = _read_cache(path)
@@ -371,9 +353,9 @@ def model_marginal_for(term: JeffreyGuidance, loaded: LoadedModel, sampler: Samp
                           f"number of classes (expected {k}); recomputing and overwriting it", stacklevel=2)
     seeds = list(range(MARGINAL_SEED_BASE + seed, MARGINAL_SEED_BASE + seed + n))
     if term.variant == "score":
-        est, evals, nfe = _sample_marginal(term, loaded, sampler, denoiser, seeds, batch_size, progress)
+        est, evals, nfe = _sample_marginal(term, context, seeds)
     else:
-        est, evals, nfe = _classifier_prior(term, loaded, denoiser, seeds, batch_size), 0.0, 0
+        est, evals, nfe = _classifier_prior(term, context, seeds), 0.0, 0
     if est.probs.numel() != k:
         raise ValueError(f"classifier gives {est.probs.numel()} classes, the target marginal has {k}")
     wall = time.perf_counter() - start
@@ -383,37 +365,3 @@ def model_marginal_for(term: JeffreyGuidance, loaded: LoadedModel, sampler: Samp
                                       "fields": fields})
     return ModelMarginal(est, "estimated", key, None if path is None else str(path), evals, nfe, wall,
                          (seeds[0], seeds[-1]))
-
-
-def fill_model_marginals(terms: Sequence[Guidance], specs: Sequence[str], loaded: LoadedModel, sampler: Sampler, *,
-                         n: int = 1000, seed: int = 0, batch_size: int = 64, cache: str | os.PathLike | None = None,
-                         progress: bool = False) -> tuple[list[Guidance], list[ModelMarginal]]:
-    """Give every Jeffrey term in ``terms`` (applied in order to ``loaded.denoiser``, possibly
-    inside a guidance window) that lacks a model marginal one from :func:`model_marginal_for`,
-    estimated on the chain of the terms before it.
-
-    Returns:
-        ``(terms, marginals)``: the terms with marginals filled in (others unchanged) and one
-        :class:`ModelMarginal` per Jeffrey term, in order (``source="given"`` for a marginal the
-        user set).
-
-    Raises:
-        ValueError: as :func:`model_marginal_for`; an estimated marginal that is zero on a class
-            the target gives mass to (:func:`diffsample.guidance.jeffrey.class_marginal.log_weights`).
-    """
-    out: list[Guidance] = []
-    marginals: list[ModelMarginal] = []
-    denoiser = loaded.denoiser
-    for i, term in enumerate(terms):
-        jeffrey = windowed_term(term)
-        if isinstance(jeffrey, JeffreyGuidance):
-            if jeffrey.model_marginal is not None:
-                marginals.append(ModelMarginal(MarginalEstimate(jeffrey.model_marginal, 0, "given"), "given"))
-            else:
-                found = model_marginal_for(jeffrey, loaded, sampler, n=n, seed=seed, batch_size=batch_size,
-                                           cache=cache, denoiser=denoiser, below=specs[:i], progress=progress)
-                term = with_windowed_term(term, jeffrey.with_model_marginal(found.estimate.probs))
-                marginals.append(found)
-        out.append(term)
-        denoiser = term(denoiser)
-    return out, marginals

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from diffsample.guidance import Interval
-from diffsample.guidance.jeffrey.embedding_guidance import JeffreyEmbedding, RatioClassifier, _jeffrey_embedding, feature_map
+from diffsample.guidance.jeffrey.embedding_guidance import JeffreyEmbedding, RatioClassifier, jeffrey_embedding_factory, feature_map
 from diffsample.guidance.term import Resources
 from diffsample.samplers import Sampler
 from diffsample.solvers import Euler, TimeUniform
@@ -231,14 +231,14 @@ def test_scale_zero_is_the_unguided_denoiser(gmm_ratio):
 def test_factory_reads_file_and_window(tmp_path, gmm_ratio):
     path = gmm_ratio.save(tmp_path / "r.safetensors")
     res = Resources(clean_classifier=SimpleNamespace(features=F_MLP, num_features=FEATURES))
-    term = _jeffrey_embedding(res, ratio=str(path), scale=2, grad_clip=100)
+    term = jeffrey_embedding_factory(res, ratio=str(path), scale=2, grad_clip=100)
     assert isinstance(term, JeffreyEmbedding) and term.scale == 2.0 and term.grad_clip == 100.0
     assert term.features is F_MLP and torch.equal(term.ratio.weight, gmm_ratio.weight)
-    windowed = _jeffrey_embedding(res, ratio=str(path), sigma_hi=0.5, logit_clip=None)
+    windowed = jeffrey_embedding_factory(res, ratio=str(path), sigma_hi=0.5, logit_clip=None)
     assert isinstance(windowed, Interval) and windowed.sigma_hi == 0.5 and windowed.term.logit_clip is None
     assert feature_map(res) == (F_MLP, FEATURES)
     registry = Registry("guidance")  # the spec syntax the GUIDANCE registry line will use
-    registry.add("jeffrey_embedding", _jeffrey_embedding, "test")
+    registry.add("jeffrey_embedding", jeffrey_embedding_factory, "test")
     term = registry.create(f"jeffrey_embedding:ratio={path},sigma_lo=0.01,sigma_hi=2,logit_clip=None", resources=res)
     assert (term.sigma_lo, term.sigma_hi, term.base, term.term.logit_clip) == (0.01, 2.0, "unconditional", None)
 
@@ -246,12 +246,12 @@ def test_factory_reads_file_and_window(tmp_path, gmm_ratio):
 def test_factory_errors(tmp_path, gmm_ratio):
     path = gmm_ratio.save(tmp_path / "r.safetensors")
     with pytest.raises(ValueError, match="needs ratio=FILE.safetensors"):
-        _jeffrey_embedding(Resources())
+        jeffrey_embedding_factory(Resources())
     with pytest.raises(ValueError, match="needs a feature network"):
-        _jeffrey_embedding(Resources(), ratio=str(path))
+        jeffrey_embedding_factory(Resources(), ratio=str(path))
     wrong = Resources(clean_classifier=SimpleNamespace(features=F_MLP, num_features=64))
     with pytest.raises(ValueError, match="expects 32 features, the model's feature network gives 64"):
-        _jeffrey_embedding(wrong, ratio=str(path))
+        jeffrey_embedding_factory(wrong, ratio=str(path))
 
 
 # ---- bad input ----------------------------------------------------------------------------------------
