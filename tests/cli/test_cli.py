@@ -84,7 +84,7 @@ def test_cfg_scale_doubles_model_evals(tmp_path):
     (["--class", "10"], "class 10 is outside 0..9"),
     (["--class", "-1"], "class -1 is outside 0..9"),
     (["--solver", "dpmpp_2m:order=7"], "order must be 1, 2 or 3, got 7"),
-    (["--solver", "euler:bogus=1"], "bad options for solver 'euler'"),
+    (["--solver", "euler:bogus=1"], "unknown option 'bogus' for solver 'euler'; valid: eta=0.0"),
     (["--prompt", "a cat"], "--prompt needs a text-to-image pipeline"),
     (["--solver", "heun", "--guidance", "noisetilt"], "deterministic with no stochastic variant; use one of: "
                                                       "euler_ancestral"),
