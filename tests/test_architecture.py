@@ -5,8 +5,10 @@
 
 (a module may import its own layer and the layers to its left; the package root ``diffsample``
 sits above ``cli``). Every ``import`` / ``from ... import`` statement counts, function-local and
-``TYPE_CHECKING`` ones included, absolute and relative. ``benchmarks/`` and ``tests/`` are outside
-the graph.
+``TYPE_CHECKING`` ones included, absolute and relative; so does a string that names a package module
+for a lazy import (a registry target ``"diffsample.solvers.euler:Euler"``, an ``import_module``
+argument), after folding ``+`` of module-level string constants. ``benchmarks/`` and ``tests/`` are
+outside the graph.
 
 Checked:
 
@@ -23,6 +25,7 @@ Each failure message lists the offending edges as ``importer -> imported`` with 
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -132,6 +135,48 @@ def defined_names(tree: ast.Module) -> set[str]:
     return names
 
 
+STRING_TARGET = re.compile(r"(diffsample(?:\.[A-Za-z_]\w*)+)(?::[A-Za-z_]\w*)?")
+
+
+def module_constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level ``NAME = "text"`` assignments (for folding ``NAME + "..."``)."""
+    out: dict[str, str] = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            out[node.targets[0].id] = node.value.value
+    return out
+
+
+def fold(node: ast.AST, constants: dict[str, str], module: str) -> str | None:
+    """The text of a string expression made of constants, module-level string names, ``__name__`` and
+    ``+`` / f-strings of those; ``None`` when it is anything else."""
+    if isinstance(node, ast.Constant):
+        return node.value if isinstance(node.value, str) else None
+    if isinstance(node, ast.Name):
+        return module if node.id == "__name__" else constants.get(node.id)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = fold(node.left, constants, module), fold(node.right, constants, module)
+        return left + right if left is not None and right is not None else None
+    if isinstance(node, ast.JoinedStr):
+        parts = [fold(v.value if isinstance(v, ast.FormattedValue) else v, constants, module) for v in node.values]
+        return "".join(parts) if all(p is not None for p in parts) else None
+    return None
+
+
+def string_target(text: str | None, files: dict[str, Path]) -> str | None:
+    """The package module a string such as ``"diffsample.solvers.euler:Euler"`` names (its longest
+    prefix that is a module), or ``None``."""
+    match = STRING_TARGET.fullmatch(text or "")
+    if match is None:
+        return None
+    parts = match.group(1).split(".")
+    for k in range(len(parts), 1, -1):
+        if ".".join(parts[:k]) in files:
+            return ".".join(parts[:k])
+    return None
+
+
 def scan(module: str, tree: ast.Module, rel: str, files: dict[str, Path],
          definers: dict[str, set[str]]) -> tuple[list[Edge], list[Private]]:
     """The import edges of one module (every statement, at any depth) and its uses of private names
@@ -160,6 +205,12 @@ def scan(module: str, tree: ast.Module, rel: str, files: dict[str, Path],
                     imported_modules[alias.asname or alias.name] = sub
                 elif own(base) and private(alias.name):
                     uses.append(Private(module, alias.name, base, f"{rel}:{node.lineno}"))
+    constants = module_constants(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Constant, ast.BinOp, ast.JoinedStr)):
+            target = string_target(fold(node, constants, module), files)
+            if target is not None and target != module:
+                add(target, node.lineno)
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Attribute) and private(node.attr)):
             continue
@@ -267,6 +318,9 @@ from diffsample.guidance import _common
 from ..term import Cond, _hidden
 from . import twist
 
+PREFIX = "diffsample.core."
+TARGET = PREFIX + "registry:Registry"                  # a lazy registry target
+
 
 def f(obj, shim):
     from diffsample.run.models import load_model  # function-local
@@ -284,12 +338,13 @@ class K:
 def test_checker_sees_every_kind_of_import_and_private_use():
     files = {m: ROOT / "x.py" for m in ("diffsample.guidance.jeffrey.sample", "diffsample.guidance.jeffrey.twist",
                                         "diffsample.guidance.term", "diffsample.guidance._common",
-                                        "diffsample.solvers.solver", "diffsample.run.models")}
+                                        "diffsample.solvers.solver", "diffsample.run.models",
+                                        "diffsample.core.registry")}
     definers = {"_solver_obj": {"diffsample.pipelines.scheduler_shim"}, "_mine": {"diffsample.other"}}
     edges, uses = scan("diffsample.guidance.jeffrey.sample", ast.parse(SAMPLE), "sample.py", files, definers)
     assert {e.target for e in edges} == {"diffsample.solvers.solver", "diffsample.guidance._common",
                                          "diffsample.guidance.term", "diffsample.guidance.jeffrey.twist",
-                                         "diffsample.run.models"}
+                                         "diffsample.run.models", "diffsample.core.registry"}
     assert sorted(u.name for u in uses) == ["_draw", "_helper", "_hidden", "_solver_obj"]
 
 
