@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +120,7 @@ def _parse_options(rest: str, text: str, separators: str) -> dict[str, Any]:
             last = None
         elif start < n and rest[start] in _QUOTES:
             close = _closing_quote(rest, start, text)
-            value = ast.literal_eval(rest[start:close + 1])
+            value = _literal(rest[start:close + 1])
             stop = _after_group(rest, close + 1, separators, text)
             last = None
         else:
@@ -191,9 +192,15 @@ def parse_value(raw: str) -> Any:
     if raw.lower() in ("inf", "+inf", "-inf"):
         return -math.inf if raw.startswith("-") else math.inf
     try:
-        return ast.literal_eval(raw)
+        return _literal(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return raw
+
+
+def _literal(text: str) -> Any:
+    with warnings.catch_warnings():  # e.g. an invalid escape inside a quoted value: kept as typed
+        warnings.simplefilter("ignore")
+        return ast.literal_eval(text)
 
 
 def format_value(value: Any) -> str:

@@ -265,3 +265,14 @@ def test_lazy_factories_are_imported_on_first_use(tmp_path, monkeypatch):
     assert "lazy_factory_probe" not in __import__("sys").modules  # a name check imports nothing
     assert registry.create("zeros:size=2.0") == [0, 0]
     assert "lazy_factory_probe" in __import__("sys").modules
+
+
+def test_round_trip_of_arbitrary_text_values():
+    import random
+
+    rng = random.Random(0)
+    alphabet = "ab1.,;:=[]()'\" -e\\"
+    for _ in range(3000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        spec = Spec("x", {"a": value, "b": 1})
+        assert Spec.parse(str(spec)) == spec, (value, str(spec))
