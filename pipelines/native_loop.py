@@ -25,8 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsample.core.spec import Spec
 from diffsample.guidance.composition import compose
+from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.samplers.sampler import SampleResult, Sampler
+from diffsample.samplers.stochastic_variant import switch_for_noise_terms
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.solver import NoiseFn, Solver
 
@@ -46,6 +49,8 @@ class PipelineSample:
         grid: where the network was evaluated, and the scheduler timesteps of those points.
         cfg_scale: the classifier-free guidance scale applied below the guidance terms, ``None``
             when none was (scale <= 1, or a CFG-family term in its place).
+        solver: the solver spec that ran (a noise-acting term may have switched a deterministic
+            spec to its ``eta=1`` variant); ``None`` when a solver object was given.
     """
 
     images: Tensor | None
@@ -53,6 +58,7 @@ class PipelineSample:
     result: SampleResult
     grid: PipelineGrid
     cfg_scale: float | None = None
+    solver: str | None = None
 
 
 def guided_denoiser(denoiser: PipelineDenoiser, cfg_scale: float | None = None, guidance: Sequence[Any] = (),
@@ -81,7 +87,8 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
                     *, solver: str | Solver = "dpmpp_2m", schedule: str | Callable | None = None, steps: int = 20,
                     cfg_scale: float | None = None, guidance: Sequence[Any] = (), num_images_per_prompt: int = 1,
                     height: int | None = None, width: int | None = None, generator: Any = None,
-                    noise: Tensor | None = None, noise_fn: NoiseFn | None = None, output_type: str = "pt",
+                    noise: Tensor | None = None, noise_fn: NoiseFn | None = None,
+                    chain_noise: Callable[[int], tuple[Tensor, NoiseFn | None]] | None = None, output_type: str = "pt",
                     denoiser: PipelineDenoiser | None = None, **encode_kwargs: Any) -> PipelineSample:
     """Sample from ``pipe`` with our loop (any solver, guidance term, exact ``nfe`` / ``model_evals``).
 
@@ -102,7 +109,11 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
         generator: drawn from as the pipeline draws its initial latents (``prepare_latents``), so
             a seed gives the same initial noise as ``pipe(..., generator=...)``.
         noise: explicit initial latents ``(B, ...)`` instead (e.g. per-sample seeded noise).
-        noise_fn: noise of stochastic solvers (default: ``torch.randn_like``).
+        noise_fn: noise of stochastic solvers (default: ``torch.randn_like``). A term acting on
+            that noise (NoiseTilt, SVDD) switches a deterministic ``solver`` spec to its ``eta=1``
+            variant, with a :class:`~diffsample.samplers.stochastic_variant.SolverSwitched` warning.
+        chain_noise: ``k -> (noise, noise_fn)`` of chain / particle ``k >= 1`` for best-of-N and
+            twisted SMC (default: fresh ``torch.randn`` draws).
         output_type: ``"pt"`` (decoded images) or ``"latent"``.
         denoiser: a prebuilt adapter (default ``PipelineDenoiser.from_pipeline(pipe)``).
         **encode_kwargs: passed to the family's ``encode`` (FLUX ``guidance_scale``,
@@ -116,7 +127,8 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
     if output_type not in ("pt", "latent"):
         raise ValueError(f"unknown output_type {output_type!r}; valid: pt, latent")
     den = denoiser or PipelineDenoiser.from_pipeline(pipe)
-    solver_obj = SOLVERS.create(solver) if isinstance(solver, str) else solver
+    spec = Spec.parse(solver) if isinstance(solver, (str, Spec)) else None
+    solver_obj = SOLVERS.create(str(spec)) if spec is not None else solver
     if den.text_conditioned:
         cond = den.encode(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                           **({"height": height, "width": width} if "height" in _params(den.encode) else {}),
@@ -139,13 +151,19 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
     step_schedule, final = pg.step_schedule()
     sampler = Sampler(solver_obj, step_schedule, pg.steps, final=final)
     guided, applied = _guided(den, cfg_scale, guidance, sampler)
-    result = sampler(guided, init, cond if den.text_conditioned else None, noise_fn=noise_fn)
+    if spec is not None:
+        switched = switch_for_noise_terms(spec, collect_hooks(guided))
+        if switched != spec:
+            spec = switched
+            sampler = Sampler(SOLVERS.create(str(spec)), step_schedule, pg.steps, final=final)
+            guided, applied = _guided(den, cfg_scale, guidance, sampler)
+    result = sampler(guided, init, cond if den.text_conditioned else None, noise_fn=noise_fn, chain_noise=chain_noise)
     latents = result.x
     images = None
     if output_type == "pt":
         with torch.no_grad():
             images = den.decode(latents.to(den.model_dtype or latents.dtype), height, width)
-    return PipelineSample(images, latents, result, pg, applied)
+    return PipelineSample(images, latents, result, pg, applied, None if spec is None else str(spec))
 
 
 def _params(fn: Callable) -> set[str]:

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from diffsample.samplers.seeds import SeededNoiseFn, seeded_noise
+from diffsample.core.spec import Spec
+from diffsample.samplers.seeds import seeded_run
 
 from diffsample.pipelines.native_loop import sample_pipeline
 
@@ -40,27 +41,30 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
         raise ValueError("pipeline models denoise to sigma = 0; final must be 'zero'")
     shape = den.noise_shape(height, width)
     seeds = list(range(seed, seed + num_samples))
-    images, latents, nfe, model_evals, applied_cfg = [], [], 0, 0.0, None
+    images, latents, nfe, model_evals, applied_cfg, ran, notes = [], [], 0, 0.0, None, str(solver), []
     start = time.perf_counter()
     for lo in range(0, num_samples, batch_size):
         batch_seeds = seeds[lo:lo + batch_size]
-        noise = seeded_noise(batch_seeds, shape, device=den.device)
+        run = seeded_run(batch_seeds, shape, device=den.device)
         prompts = [prompt] * len(batch_seeds) if prompt is not None else None
         negatives = [negative_prompt] * len(batch_seeds) if negative_prompt is not None else None
         out = sample_pipeline(den.pipe, prompts, negatives, solver=solver, schedule=schedule, steps=steps,
                               cfg_scale=cfg_scale, guidance=guidance, num_images_per_prompt=1 if prompts else len(batch_seeds),
-                              height=height, width=width, noise=noise, denoiser=den,
-                              noise_fn=SeededNoiseFn(batch_seeds, shape, device=den.device))
+                              height=height, width=width, denoiser=den, **run)
         images.append(out.images)
         latents.append(out.latents.float().cpu())
         nfe, model_evals, applied_cfg = out.result.nfe, out.result.model_evals, out.cfg_scale
+        ran = out.solver or ran
+    if isinstance(solver, str) and ran != str(Spec.parse(solver)):
+        notes.append(f"guidance acts on the noise of stochastic steps: solver {str(solver)!r} runs as its "
+                     f"stochastic variant {ran!r}")
     record = {
         "model": model.name, "pipeline": type(den.pipe).__name__, "prompt": prompt, "negative_prompt": negative_prompt,
-        "solver": solver, "schedule": schedule if schedule is not None else "pipeline", "steps": steps, "final": final,
+        "solver": ran, "solver_requested": str(solver), "schedule": schedule if schedule is not None else "pipeline", "steps": steps, "final": final,
         "guidance": [str(g) for g in guidance], "cfg_scale": applied_cfg,  # None: no CFG, or a CFG-family term
         "seeds": seeds, "classes": None, "nfe": nfe, "model_evals": model_evals,
         "wall_time_s": round(time.perf_counter() - start, 4), "device": str(den.device), "dtype": dtype,
         "num_samples": num_samples, "batch_size": batch_size, "versions": versions(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "notes": notes,
     }
     return GenerateResult(images=torch.cat(images), samples=torch.cat(latents), record=record)
