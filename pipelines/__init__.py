@@ -6,7 +6,7 @@ SDXL (:mod:`.sdxl`), SD3 (:mod:`.sd3`), FLUX (:mod:`.flux`), PixArt-alpha/Sigma 
 The process and step grid shared with the scheduler shim live in :mod:`.process`.
 """
 
-from diffsample.pipelines.pipeline_denoiser import PipelineDenoiser
+from diffsample.pipelines.pipeline_denoiser import FAMILY_ADAPTERS, PipelineDenoiser
 from diffsample.pipelines.ddpm import DDPMDenoiser
 from diffsample.pipelines.flux import FluxDenoiser
 from diffsample.pipelines.native_loop import PipelineSample, guided_denoiser, sample_pipeline
@@ -16,10 +16,7 @@ from diffsample.pipelines.sd3 import StableDiffusion3Denoiser
 from diffsample.pipelines.sdxl import StableDiffusionXLDenoiser
 from diffsample.pipelines.stable_diffusion import StableDiffusionDenoiser
 
-ADAPTERS: tuple[type[PipelineDenoiser], ...] = (
-    DDPMDenoiser, StableDiffusionXLDenoiser, StableDiffusionDenoiser, StableDiffusion3Denoiser, FluxDenoiser,
-    PixArtDenoiser,
-)
+ADAPTERS: tuple[type[PipelineDenoiser], ...] = tuple(FAMILY_ADAPTERS)
 """Family adapters, matched against the pipeline's class (and base classes) by name."""
 
 __all__ = [

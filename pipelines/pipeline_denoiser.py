@@ -20,6 +20,20 @@ from diffsample.samplers.denoisers import ModelDenoiser
 from diffsample.pipelines.process import Process, process_from_scheduler
 
 
+FAMILY_ADAPTERS: list[type["PipelineDenoiser"]] = []
+"""The family adapters, in definition order: every subclass that names ``pipeline_classes`` adds
+itself (the family modules are imported by :mod:`diffsample.pipelines`)."""
+
+
+def adapter_class(pipe: Any) -> type["PipelineDenoiser"] | None:
+    """The family adapter for ``pipe``'s class (matched by name, including base classes), or ``None``."""
+    for klass in type(pipe).__mro__:
+        for adapter in FAMILY_ADAPTERS:
+            if klass.__name__ in adapter.pipeline_classes:
+                return adapter
+    return None
+
+
 class PipelineDenoiser(ModelDenoiser):
     """``(x, t, cond) -> denoised`` for a diffusers pipeline's network (``x`` in the pipeline's latent
     space: ``(B, C, h, w)``, or packed ``(B, tokens, C)`` for FLUX; ``t`` in noise-schedule time:
@@ -38,6 +52,11 @@ class PipelineDenoiser(ModelDenoiser):
     default_cfg_scale: ClassVar[float | None] = None
     text_conditioned: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "pipeline_classes" in cls.__dict__ and cls.pipeline_classes:
+            FAMILY_ADAPTERS.append(cls)
+
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe
         self.network = getattr(pipe, self.network_name, None)
@@ -55,15 +74,12 @@ class PipelineDenoiser(ModelDenoiser):
             ValueError: an unsupported pipeline (the message lists the supported ones), or one
                 without a scheduler.
         """
-        from diffsample.pipelines import ADAPTERS
-
         if getattr(pipe, "scheduler", None) is None:
             raise ValueError(f"{type(pipe).__name__} has no scheduler; a diffusers pipeline with a scheduler is expected")
-        for klass in type(pipe).__mro__:
-            for adapter in ADAPTERS:
-                if klass.__name__ in adapter.pipeline_classes:
-                    return adapter(pipe)
-        names = sorted(n for a in ADAPTERS for n in a.pipeline_classes)
+        adapter = adapter_class(pipe)
+        if adapter is not None:
+            return adapter(pipe)
+        names = sorted(n for a in FAMILY_ADAPTERS for n in a.pipeline_classes)
         raise ValueError(f"no native loop for {type(pipe).__name__}; supported: {', '.join(names)} "
                          "(any pipeline that calls scheduler.step works with diffsample.attach)")
 

@@ -19,6 +19,7 @@ from diffsample.core.spec import Spec
 from diffsample.guidance import GUIDANCE, Resources
 from diffsample.guidance.composition import calls_model_branches, sets_cfg_scale
 from diffsample.guidance.term import Guidance
+from diffsample.pipelines.pipeline_denoiser import adapter_class
 
 NATIVE_GUIDANCE_HINT = ("use the native loop, which evaluates both branches itself: "
                         "diffsample.pipelines.sample_pipeline(pipe, prompt, guidance=[{spec!r}]) or "
@@ -31,12 +32,9 @@ def is_conditional(pipe_or_denoiser: Any) -> bool:
     without a native-loop adapter counts as conditional when it has ``encode_prompt``."""
     if hasattr(pipe_or_denoiser, "text_conditioned") and hasattr(pipe_or_denoiser, "pipe"):
         return bool(pipe_or_denoiser.text_conditioned)
-    from diffsample.pipelines import ADAPTERS
-
-    for klass in type(pipe_or_denoiser).__mro__:
-        for adapter in ADAPTERS:
-            if klass.__name__ in adapter.pipeline_classes:
-                return bool(adapter.text_conditioned)
+    adapter = adapter_class(pipe_or_denoiser)
+    if adapter is not None:
+        return bool(adapter.text_conditioned)
     return callable(getattr(pipe_or_denoiser, "encode_prompt", None))
 
 

@@ -459,13 +459,10 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         else:
             self.sigmas = (self.grid.sigma / self.grid.alpha).to(torch.float32)
         # One converter per run (model_output -> denoised), its alpha / sigma cache seeded with the grid's
-        # values at every evaluation time (as float32 and float64 keys), so step() does no schedule lookups.
+        # values, so step() does no schedule lookups.
         self._convert = ModelDenoiser(lambda _x, _t: self._current_output, process.noise_schedule,
                                       process.prediction_type)
-        for i in range(self.grid.steps):
-            coefficients = (self.grid.alpha_list[i], self.grid.sigma_list[i])
-            for dtype in (torch.float32, torch.float64):
-                self._convert._coefficients[float(torch.tensor(self.grid.t_list[i], dtype=dtype))] = coefficients
+        self._convert.remember_coefficients(self.grid)
         self._reset()
         self._input_rows = 0  # rows the pipeline passed through scale_model_input this run
 

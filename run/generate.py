@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 
+from diffsample.run.record import GenerateResult, versions
 from diffsample.run.models import LoadedModel, PipelineModel, load_model
 from diffsample.run.prepare import prepare_terms
 from diffsample.samplers.sampler import Sampler
@@ -27,37 +27,6 @@ from diffsample.samplers.seeds import seeded_run
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """Images and the run record of :func:`generate`.
-
-    Attributes:
-        images: ``(N, C, H, W)`` float32 in [0, 1] on the CPU.
-        samples: ``(N, C, H, W)`` raw final samples (model space, CPU).
-        record: JSON-serialisable run record: parameters, seeds, classes, ``nfe``, ``model_evals``,
-            wall time and package versions; plus what the terms' preparation steps reported, e.g.
-            with Jeffrey guidance ``model_marginal`` (one dict, or a list for several Jeffrey
-            terms: ``probs``, ``n``, ``source`` = ``"estimated"`` / ``"cache"`` / ``"given"``,
-            ``cache_key``, ``cache_path``, ``model_evals`` spent on the estimate, which the run's
-            ``model_evals`` does not include; see
-            :class:`~diffsample.guidance.jeffrey.model_marginal.ModelMarginal`).
-    """
-
-    images: Tensor
-    samples: Tensor
-    record: dict[str, Any]
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that determine the numbers."""
-    import diffusers
-
-    import diffsample
-
-    return {"diffsample": diffsample.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version()}
 
 
 def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", progress: bool = False) -> Sampler:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from diffsample.core.spec import Spec
+from diffsample.run.record import GenerateResult, versions
 from diffsample.samplers.seeds import seeded_run
 
 from diffsample.pipelines.native_loop import sample_pipeline
@@ -30,8 +31,6 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
             pipeline, ``final="last"`` (pipelines denoise to zero), or bad solver / schedule /
             guidance names.
     """
-    from diffsample.run.generate import GenerateResult, versions
-
     den = model.denoiser
     if den.text_conditioned and prompt is None:
         raise ValueError(f"model {model.name!r} is a text-to-image pipeline; give --prompt")

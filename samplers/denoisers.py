@@ -21,7 +21,7 @@ from torch import Tensor
 from diffsample.guidance.term import Cond
 from diffsample.solvers.numerics import alpha_sigma
 from diffsample.core.accounting import add_model_evals
-from diffsample.solvers.solver import NoiseSchedule
+from diffsample.solvers.solver import Grid, NoiseSchedule
 from diffsample.solvers.noise_schedules import RectifiedFlow
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
@@ -59,6 +59,14 @@ class ModelDenoiser:
         self.time_fn = time_fn or (lambda t: t)
         self.model_dtype = model_dtype
         self._coefficients: dict[float, tuple[float, float]] = {}
+
+    def remember_coefficients(self, grid: Grid) -> None:
+        """Seed the per-time ``alpha, sigma`` cache with a grid's values at every evaluation time
+        (as float32 and float64 keys), so calls on that grid do no schedule lookups."""
+        for i in range(grid.steps):
+            for dtype in (torch.float32, torch.float64):
+                self._coefficients[float(torch.tensor(grid.t_list[i], dtype=dtype))] = (grid.alpha_list[i],
+                                                                                        grid.sigma_list[i])
 
     def _alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
         """``alpha(t), sigma(t)`` broadcastable to ``like``: Python floats, cached per time, when the

@@ -39,7 +39,7 @@ class FDFeatures(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def _classifier():
-    from diffsample.testbed.mnist import load_classifier
+    from diffsample.testbed.mnist.loaders import load_classifier
 
     return load_classifier()
 
