@@ -11,8 +11,9 @@ Task: steer the *unconditional* branch (null label) of the bundled model toward 
 
 All chains: 25-step DDPM (``euler_ancestral``, trailing spacing). "dagger" = best-of-N chains by
 the target reward, N chosen so the total forward NFE is about 500. Costs are counted by the
-sampler: ``nfe`` (forward denoiser passes, incl. SVDD candidates: ``model_evals - 2 x backward``)
-and ``model_evals`` (forward-equivalents: each backward pass counts 2).
+sampler: ``nfe`` (the solver's denoiser calls, docs/design.md#nfe-and-model_evals), ``forward``
+(forward network passes, incl. SVDD candidates: ``model_evals - 2 x backward``) and ``model_evals``
+(forward-equivalents: each backward pass counts 2).
 
 Phase ``tune`` picks each method's one strength parameter on separate seeds (by held-out reward,
 among settings whose FD is within 1.5x of the base model's); phase ``final`` runs the chosen
@@ -96,7 +97,7 @@ class Bench:
         return BestOfN(self.reward(digit), max(1, self.args.budget // per_chain))(inner)
 
     def sample(self, guided, n: int, seed0: int) -> tuple[torch.Tensor, dict]:
-        xs, fwd, evals, wall = [], 0.0, 0.0, 0.0
+        xs, fwd, evals, wall, nfe = [], 0.0, 0.0, 0.0, 0
         bs = self.args.batch
         null = mnist.NULL_CLASS
         for start in range(0, n, bs):
@@ -107,8 +108,9 @@ class Bench:
             back = res.events.get("backward_rows", 0) / len(seeds)
             evals += res.model_evals * len(seeds)
             fwd += (res.model_evals - 2 * back) * len(seeds)
+            nfe = res.nfe
             wall += res.wall_time_s
-        return torch.cat(xs), {"nfe": round(fwd / n, 1), "model_evals": round(evals / n, 1), "wall_s": round(wall, 1)}
+        return torch.cat(xs), {"nfe": nfe, "forward": round(fwd / n, 1), "model_evals": round(evals / n, 1), "wall_s": round(wall, 1)}
 
     def metrics(self, x: torch.Tensor, digit: int) -> dict:
         with torch.no_grad():
@@ -188,10 +190,12 @@ def report(record: dict) -> str:
     lines = [f"# Reward guidance on MNIST (target: log p(digit) under the noise-aware classifier)", "",
              f"`{record['command']}` — {record['date']}, {record['platform']}, torch {record['torch']}.", "",
              f"25-step DDPM chains; settings chosen on tune seeds: {record['chosen']}.", "",
-             "| digit | method | nfe | model_evals | target reward | held-out reward | held-out acc | FD (class) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "`nfe`: the solver's denoiser calls; `forward`: forward network passes per sample (SVDD "
+             "candidates included); `model_evals`: forward-equivalents (a backward pass counts 2).", "",
+             "| digit | method | nfe | forward | model_evals | target reward | held-out reward | held-out acc | FD (class) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['digit']} | {r['method']} | {r['nfe']} | {r['model_evals']} | {r['target_reward']} | "
+        lines.append(f"| {r['digit']} | {r['method']} | {r['nfe']} | {r['forward']} | {r['model_evals']} | {r['target_reward']} | "
                      f"{r['heldout_reward']} | {r['heldout_acc']} | {r['fd']} |")
     return "\n".join(lines) + "\n"
 
