@@ -103,17 +103,25 @@ class LambdaUniform:
 
 
 @dataclass(frozen=True)
-class Karras:
-    """Karras et al. 2022 (arXiv 2206.00364 eq. 5): ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho)
-    - smax^(1/rho)))^rho`` on the VE sigma (k-diffusion ``get_sigmas_karras``). Includes both ends."""
+class _RhoSchedule:
+    """Shared fields of the VE-sigma schedules shaped by an exponent ``rho`` (> 0) between
+    ``sigma_min`` and ``sigma_max`` (``None``: the noise schedule's range)."""
 
-    rho: float = 7.0
+    rho: float = 1.0
     sigma_min: float | None = None
     sigma_max: float | None = None
 
     def __post_init__(self) -> None:
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
+
+
+@dataclass(frozen=True)
+class Karras(_RhoSchedule):
+    """Karras et al. 2022 (arXiv 2206.00364 eq. 5): ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho)
+    - smax^(1/rho)))^rho`` on the VE sigma (k-diffusion ``get_sigmas_karras``). Includes both ends."""
+
+    rho: float = 7.0
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
         n = check_steps(n)
@@ -124,17 +132,11 @@ class Karras:
 
 
 @dataclass(frozen=True)
-class PolyExponential:
+class PolyExponential(_RhoSchedule):
     """k-diffusion ``get_sigmas_polyexponential``: ``log sigma`` follows ``ramp**rho`` from max to min
     (rho = 1 is the exponential / lambda-uniform schedule)."""
 
     rho: float = 1.0
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.rho > 0:
-            raise ValueError(f"rho must be > 0, got {self.rho}")
 
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
         n = check_steps(n)
