@@ -55,6 +55,12 @@ class SVDD:
             raise ValueError(f"svdd: temperature must be a finite number >= 0, got {self.temperature}")
         object.__setattr__(self, "reward", as_reward(self.reward))
 
+    @property
+    def batch_coupled(self) -> bool:
+        """With ``temperature > 0`` and several candidates, the pick is drawn from one generator
+        shared by the batch, so a sample's result depends on its batch (and the batch size)."""
+        return self.particles > 1 and self.temperature > 0
+
     def __call__(self, denoiser: Denoiser) -> "SVDDDenoiser":
         return SVDDDenoiser(denoiser, self)
 

@@ -24,6 +24,9 @@ from diffsample.run.prepare import prepare_terms
 from diffsample.samplers.sampler import Sampler
 from diffsample.samplers.stochastic_variant import SolverSwitched, solver_for
 from diffsample.samplers.seeds import seeded_run
+from diffsample.run.validate import (check_choice, check_classes, check_count, check_device, check_label, check_memory,
+                                     check_scale, check_seed_range, check_spec, check_specs, check_text,
+                                     result_bytes_per_sample, batch_coupled)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
@@ -102,8 +105,13 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
 
     The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
-    batched floating-point arithmetic), except under twisted SMC (``jeffrey:particles=K``), whose
-    resampling draws are shared by a batch. All arguments are validated before any sampling.
+    batched floating-point arithmetic), except where the method couples a batch: SteinDiff solvers
+    (batch statistics, probes by batch position), twisted SMC (``jeffrey:particles=K``, resampling
+    draws shared by a batch) and SVDD with ``temperature > 0``; ``record["batch_coupled"]`` says
+    which (:func:`~diffsample.run.validate.batch_coupled`). All arguments are validated before any
+    sampling (:mod:`diffsample.run.validate`): seeds in ``0 .. 2**63 - 1``, integer class labels
+    (bools and floats refused, not cast), a device this machine has, and ``num_samples`` whose
+    samples and images fit in a quarter of the RAM.
 
     Before sampling, every guidance term with a preparation step
     (:class:`~diffsample.guidance.term.Preparable`) is prepared on the chain below it
@@ -145,24 +153,36 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         ValueError: any bad argument (unknown names list the valid choices); an estimated model
             marginal that is zero on a class the Jeffrey target gives mass to.
     """
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    # Typed once, before anything is loaded or drawn (diffsample.run.validate).
+    num_samples, batch_size = check_count("num_samples", num_samples), check_count("batch_size", batch_size)
+    seed = check_seed_range(seed, num_samples)
+    check_choice("dtype", dtype, DTYPES)
+    solver, schedule = check_spec("solver", solver), check_spec("schedule", schedule)
+    guidance = check_specs("guidance", guidance)
+    cfg_scale = check_scale("cfg_scale", cfg_scale)
+    class_label, classes = check_label("class_label", class_label), check_classes(classes)
+    prompt, negative_prompt = check_text("prompt", prompt), check_text("negative_prompt", negative_prompt)
+    if not isinstance(model, (LoadedModel, PipelineModel)):
+        check_device(device)
     sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
     loaded = model if isinstance(model, (LoadedModel, PipelineModel)) else load_model(model, device=device,
                                                                                         dtype=DTYPES[dtype])
+    check_memory(num_samples, result_bytes_per_sample(loaded))
     if isinstance(loaded, PipelineModel):
+        if class_label is not None or classes is not None:
+            raise ValueError(f"--class / classes need a class-conditional model; {loaded.name!r} is a pipeline "
+                             "conditioned on --prompt")
         from diffsample.run.pipeline_generate import generate_from_pipeline
 
-        return generate_from_pipeline(loaded, prompt=prompt, negative_prompt=negative_prompt, solver=solver,
-                                      schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale, seed=seed,
-                                      num_samples=num_samples, batch_size=batch_size, final=final, dtype=dtype)
-    if prompt is not None:
-        raise ValueError(f"--prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
+        result = generate_from_pipeline(loaded, prompt=prompt, negative_prompt=negative_prompt, solver=solver,
+                                        schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
+                                        seed=seed, num_samples=num_samples, batch_size=batch_size, final=final,
+                                        dtype=dtype)
+        result.record.setdefault("batch_coupled", batch_coupled(SOLVERS.create(result.record["solver"])))
+        return result
+    for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
+        if text is not None:
+            raise ValueError(f"{flag} needs a text-to-image pipeline; model {loaded.name!r} is not one")
     names = [str(g) for g in guidance]
     terms = guidance_terms(loaded, guidance, sampler)
     guided = apply_guidance(loaded, terms, cfg_scale, names)
@@ -176,7 +196,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         guided = apply_guidance(loaded, terms, cfg_scale, names)
     collect_hooks(guided).check(sampler.solver)  # hook combinations the loop cannot honour, before any sampling
     if classes is not None:
-        labels = torch.as_tensor(list(classes), dtype=torch.long)
+        labels = torch.as_tensor(classes, dtype=torch.long)
         if labels.numel() != num_samples:
             raise ValueError(f"classes has {labels.numel()} entries for {num_samples} samples")
     else:
@@ -204,6 +224,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         "classes": labels.tolist() if labels is not None else None,
         "nfe": nfe, "model_evals": model_evals, "events": events, "wall_time_s": round(time.perf_counter() - start, 4),
         "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
+        "batch_coupled": batch_coupled(sampler.solver, terms, collect_hooks(guided)),
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "notes": notes,
     }
     record.update(reported)  # e.g. "model_marginal" from Jeffrey guidance

@@ -1,14 +1,24 @@
 """Per-sample seeded noise: the same seed gives the same noise whatever the batch size.
 
-Each sample ``j`` owns CPU generators seeded from ``(seed_j, stream)`` via numpy's
-``SeedSequence``: stream 0 draws the initial noise, stream 1 the stochastic solvers' per-step noise,
-so switching solvers or batch sizes never changes a sample's initial noise (EDM's
-``StackedRandomGenerator``; diffusers' "Reproducibility" guide recommends CPU generators).
+Each sample ``j`` owns CPU generators, one per *stream*: stream 0 draws the initial noise, stream 1
+the stochastic solvers' per-step noise, and chain ``k >= 1`` (best-of-N chains, twisted-SMC
+particles) has its own pair, so switching solvers or batch sizes never changes a sample's initial
+noise (EDM's ``StackedRandomGenerator``; diffusers' "Reproducibility" guide recommends CPU
+generators).
+
+Seeds are integers ``0 .. 2**63 - 1``. Every ``(seed, stream, chain)`` maps to its own numpy
+``SeedSequence`` and from it to a 64-bit torch seed: for ``seed < 2**32`` (and ``chain < 2**32``)
+the entropy is ``[seed, stream]`` (chain 0) or ``[seed, stream, chain]``, the derivation of earlier
+releases, so their images are unchanged; larger seeds use ``SeedSequence(entropy=seed,
+spawn_key=(stream, chain))``, whose assembled entropy (seed padded to the 4-word pool, then the
+spawn key) is longer than any of the former and so never coincides with them (a seed ``>= 2**32``
+spread over two 32-bit words, then ``stream`` as a third word, used to collide with a smaller seed's
+other stream: seed ``2**32``'s initial noise was seed 0's per-step noise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -17,19 +27,52 @@ import torch
 from torch import Tensor
 
 INITIAL, SOLVER_NOISE = 0, 1
+SEED_MAX = 2**63 - 1
+"""Largest seed (seeds are ``0 .. SEED_MAX``, a signed 64-bit integer)."""
+_LEGACY = 2**32  # seeds and chains below this keep the derivation of earlier releases
+
+
+def stream_seed(seed: int, stream: int, chain: int = 0) -> int:
+    """The 64-bit torch seed of ``(seed, stream, chain)``: distinct for distinct triples (see the
+    module docstring; ``stream`` 0 = initial noise, 1 = per-step noise; ``chain`` 0 = the plain run).
+
+    Raises:
+        ValueError: ``seed`` outside ``0 .. 2**63 - 1`` or not an int; ``stream`` / ``chain``
+            outside ``0 .. 2**32 - 1``.
+    """
+    seed = check_seed(seed)
+    for name, value in (("stream", stream), ("chain", chain)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _LEGACY:
+            raise ValueError(f"{name} must be an integer in 0..{_LEGACY - 1}, got {value!r}")
+    if seed < _LEGACY and chain < _LEGACY:
+        ss = np.random.SeedSequence([seed, stream] + ([chain] if chain else []))
+    else:
+        ss = np.random.SeedSequence(entropy=seed, spawn_key=(stream, chain))
+    state = ss.generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
 
 
 def _generator(seed: int, stream: int, chain: int = 0) -> torch.Generator:
-    entropy = [int(seed), stream] + ([int(chain)] if chain else [])
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return torch.Generator("cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator("cpu").manual_seed(stream_seed(seed, stream, chain))
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """``seed`` if it is an int (numpy integers accepted; not a bool, float or string) in
+    ``0 .. 2**63 - 1``.
+
+    Raises:
+        ValueError: otherwise, naming ``name`` and the valid range.
+    """
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= SEED_MAX:
+        raise ValueError(f"{name} must be an integer in 0..2**63-1, got {seed!r}")
+    return int(seed)
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
-    seeds = [int(s) for s in seeds]
-    if not seeds or any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0, got {seeds}")
-    return seeds
+    listed = None if isinstance(seeds, (str, bytes)) else list(seeds) if isinstance(seeds, Iterable) else None
+    if not listed:
+        raise ValueError(f"seeds must be a non-empty list of integers in 0..2**63-1, got {seeds!r}")
+    return [check_seed(s, "every seed") for s in listed]
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,

@@ -175,6 +175,10 @@ class Solver(Protocol):
     Attributes:
         order: convergence order of the deterministic update (global error ``O(h**order)``).
         stochastic: whether :meth:`step` consumes ``noise_fn``.
+        batch_coupled: optional (read as ``getattr(solver, "batch_coupled", False)``): ``True``
+            when a sample's result depends on the other rows of its batch (SteinDiff's batch
+            statistics and positional probes); a solver without it must treat every row alone,
+            so that a seed gives the same sample whatever the batch size.
     """
 
     order: int

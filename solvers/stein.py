@@ -193,6 +193,15 @@ class SteinDiff:
     def stochastic(self) -> bool:
         return self.base.stochastic
 
+    @property
+    def batch_coupled(self) -> bool:
+        """Whether a sample's result depends on the other samples of its batch (and so on the batch
+        size): ``True`` when any step is corrected. With ``stats="batch"`` one ``gamma`` comes from
+        the batch means; with ``stats="per_sample"`` each sample's Hutchinson probes are the rows of
+        one draw of the batch's shape, so they depend on the sample's position in the batch. ``False``
+        only for ``apply_steps=0`` (no step corrected: the base solver)."""
+        return self.apply_steps != 0
+
     def init(self, x: Tensor, grid: Grid) -> SolverState:
         return self.base.init(x, grid)
 
