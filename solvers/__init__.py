@@ -127,6 +127,18 @@ STEP_SCHEDULES.add("flow_shift", _P + "step_schedules:FlowShift",
                    "SD3/FLUX shifted time-uniform spacing (rectified flow only), shift=3",
                    meanings={"shift": "t' = shift t / (1 + (shift - 1) t); FLUX: exp(mu) (> 0)",
                              "spacing": "the time-uniform grid shifted: linspace or trailing"})
+STEP_SCHEDULES.add("csflow", _P + "csflow:CSFlow",
+                   "CSFlow: steps where visible frequencies are generated (Barten CSF x data spectrum, arXiv 2606.08833)",
+                   meanings={"mix": "weight of the CSF weights vs the default spacing, in [0, 1] (1: CSF only)",
+                             "shift": "default spacing warp v -> shift v / (1 + (shift - 1) v) (> 0; 3: SD3-like)",
+                             "pixels_per_degree": "viewing geometry in pixels per degree (None: from pixel_size, "
+                                                  "viewing_distance)",
+                             "pixel_size": "pixel pitch in metres (None: 0.000114)",
+                             "viewing_distance": "viewing distance in metres (None: 0.5; 76.55 pixels per degree)",
+                             "spectrum": "bundled spectrum name or JSON file (None: the bundled model's, else "
+                                         "imagenet_256 with a warning)",
+                             "base": "fine grid / default spacing: flow (uniform in alpha/(alpha+sigma), the paper's) "
+                                     "or model (uniform in the model's time)"})
 
 # ---- the numerics, imported on first access ----------------------------------------------------------
 
