@@ -93,6 +93,14 @@ class NoiseSchedule(ABC):
         return self.t_max
 
 
+def _short(t: Tensor, edge: int = 4) -> str:
+    """``t`` as a list for a message, its middle elided when it has more than ``2 * edge`` values."""
+    values = t.tolist()
+    if len(values) <= 2 * edge:
+        return str(values)
+    return f"[{', '.join(map(str, values[:edge]))}, ... ({len(values) - 2 * edge} more), {', '.join(map(str, values[-edge:]))}]"
+
+
 @dataclass(frozen=True, eq=False)
 class Grid:
     """A discretisation of one run, noisiest first, built once before the loop.
@@ -133,16 +141,17 @@ class Grid:
         if t.numel() == 0 or (t.numel() == 1 and not final_zero):
             raise ValueError(f"a grid needs at least 2 points, got {t.numel()}")
         if not torch.isfinite(t).all():
-            raise ValueError(f"grid times must be finite, got {t.tolist()}")
+            raise ValueError(f"grid times must be finite, got {_short(t)}")
         lo, hi = noise_schedule.t_min, noise_schedule.t_max
         tol = 1e-9 * max(1.0, abs(hi))
         if (t < lo - tol).any() or (t > hi + tol).any():
-            raise ValueError(f"grid times {t.tolist()} leave the schedule's range [{lo}, {hi}]")
+            raise ValueError(f"grid times {_short(t)} leave the schedule's range [{lo}, {hi}]")
         alpha, sigma = noise_schedule.alpha(t), noise_schedule.sigma(t)
         lambda_ = noise_schedule.lambda_(t)
         if t.numel() > 1 and not (lambda_[1:] > lambda_[:-1]).all():
             raise ValueError(
-                f"grid is not strictly decreasing in noise level (repeated or reversed times): {t.tolist()}"
+                f"grid of {t.numel()} points is not strictly decreasing in noise level (repeated or reversed times): "
+                f"{_short(t)}"
             )
         if final_zero:
             one = torch.ones(1, dtype=torch.float64)
