@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from diffsample.guidance.loop_hooks import RunHooks, collect_hooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.core.accounting import add_event, count_events, count_model_evals
-from diffsample.solvers.solver import Grid, NoiseFn, NoiseSchedule, Solver
+from diffsample.solvers.solver import Grid, NoiseFn, NoiseSchedule, Solver, call_denoise
+from diffsample.solvers.stop_time import StopTime, check_stop_return, stop_grid
 from diffsample.solvers.step_schedules import check_steps
 from diffsample.solvers.transition import use_transition
 
@@ -42,7 +43,8 @@ class SampleResult:
     """Output of a :class:`Sampler` run.
 
     Attributes:
-        x: final samples ``(B, *dims)`` in native space (at ``sigma = 0`` when ``final="zero"``).
+        x: final samples ``(B, *dims)`` in native space (at ``sigma = 0`` when ``final="zero"``; with
+            a ``stop``, what ``stop_return`` names).
         nfe: denoiser calls (the solver-level count papers report).
         model_evals: network passes per sample in forward-equivalents (CFG doubles; a backward pass
             counts 2; docs/design.md#nfe-and-model_evals).
@@ -80,10 +82,19 @@ class Sampler:
             ``"last"`` -- take ``steps + 1`` schedule points and stop at the last (``sigma > 0``).
         allow_nonfinite: keep going when the model returns NaN/inf instead of raising.
         progress: show a tqdm progress bar.
+        stop: end the run at this noise level (:class:`~diffsample.solvers.stop_time.StopTime`;
+            truncated sampling, arXiv 2606.13796) instead of ``final``: the step schedule is
+            evaluated between ``t_max`` and the stop, whose time is the grid's last point
+            (:func:`~diffsample.solvers.stop_time.stop_grid`). ``None``: no truncation.
+        stop_return: with a ``stop``, what the run returns: ``"noisy"`` the state ``x_stop`` (the
+            paper's semantics; its law is the OU push ``U_t0`` of the model's law on a VP process),
+            ``"denoised"`` ``D(x_stop)`` (one extra model evaluation, counted in ``nfe`` and
+            ``model_evals``), ``"rescaled"`` ``x_stop / alpha_stop``, ``"ou"``
+            ``x_stop / sqrt(alpha_stop^2 + sigma_stop^2)`` (= ``noisy`` on VP).
 
     Raises:
-        ValueError: ``steps < 1`` or not an integer, unknown ``final``, a schedule that cannot
-            produce the requested points.
+        ValueError: ``steps < 1`` or not an integer, unknown ``final`` or ``stop_return``, a
+            ``stop`` that is not a StopTime, a schedule that cannot produce the requested points.
     """
 
     solver: Solver
@@ -92,8 +103,13 @@ class Sampler:
     final: Literal["zero", "last"] = "zero"
     allow_nonfinite: bool = False
     progress: bool = False
+    stop: StopTime | None = None
+    stop_return: str = "noisy"
 
     def __post_init__(self) -> None:
+        if self.stop is not None and not isinstance(self.stop, StopTime):
+            raise ValueError(f"stop must be a StopTime or None, got {self.stop!r}")
+        check_stop_return(self.stop_return)
         try:
             check_steps(self.steps)
         except ValueError:
@@ -105,6 +121,8 @@ class Sampler:
 
     def grid(self, noise_schedule: NoiseSchedule) -> Grid:
         """The discretisation of one run under ``noise_schedule``."""
+        if self.stop is not None:
+            return stop_grid(noise_schedule, self.step_schedule, self.steps, self.stop)
         if self.final == "zero":
             return Grid.from_t(noise_schedule, self.step_schedule(noise_schedule, self.steps), final_zero=True)
         return Grid.from_t(noise_schedule, self.step_schedule(noise_schedule, self.steps + 1))
@@ -211,7 +229,19 @@ class Sampler:
         with torch.no_grad():
             x = twisted_smc(self.solver, grid, denoise, twisted, noise, cond, noise_fn, chain_noise,
                             prior_scale(grid), on_step)
+            x = self._finish(x, grid, lambda x_in, t: denoise(x_in, t, cond))
         return x, calls[0]
+
+    def _finish(self, x: Tensor, grid: Grid, denoise: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """The output of a run stopped at the grid's last point, as ``stop_return`` asks."""
+        if self.stop is None or grid.final_zero or self.stop_return == "noisy":
+            return x
+        alpha, sigma = grid.alpha_list[-1], grid.sigma_list[-1]
+        if self.stop_return == "rescaled":
+            return x / alpha
+        if self.stop_return == "ou":
+            return x / math.hypot(alpha, sigma)
+        return call_denoise(denoise, x, grid.t_list[-1])
 
     def _run(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
              callback: Callable[[StepInfo], None] | None, hooks: RunHooks) -> tuple[Tensor, int]:
@@ -240,6 +270,8 @@ class Sampler:
                 x, state = x_next, new_state
                 if callback is not None:
                     callback(StepInfo(i, x, grid))
+            current[0] = grid.steps
+            x = self._finish(x, grid, denoise)
         return x, calls[0]
 
 
