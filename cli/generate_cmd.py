@@ -1,35 +1,54 @@
 """``diffsample generate``: sample images, write PNGs (with parameters in a text chunk), a grid
-and a run-record JSON. Output is staged in a temporary folder and moved into ``--out`` only when
-everything succeeded, so a failed run leaves nothing half-written."""
+and a run-record JSON.
+
+Everything is checked before sampling (device, ``--out``, options that do not fit the model).
+The run is written into a hidden staging folder next to ``--out`` and appears there at once by
+rename (:mod:`diffsample.run.publish`): a failed or killed run leaves ``--out`` as it was, and
+``--overwrite`` replaces the old run as a whole (files of the old ``--out`` that are not run
+outputs are kept)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
-from diffsample.cli.options import fail, registry_spec
+from diffsample.cli.options import FiniteFloat, fail, registry_spec
 
 DEFAULT_OUT = "out"
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse (exit 2) an output path that is a file, a folder holding files without
-    ``--overwrite``, or a location that cannot be written."""
-    if out.exists() and not out.is_dir():
-        fail(f"--out {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        fail(f"--out {str(out)!r} exists and holds files; pass --overwrite or choose another directory")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        fail(f"--out {str(out)!r} cannot be written (no write permission on {str(probe)!r})")
+    """Refuse (exit 2) an output path that is a file, lies under a file, cannot be written, holds
+    files without ``--overwrite``, or holds a non-file under an output name (a folder called
+    ``grid.png``; :func:`diffsample.run.publish.check_out`)."""
+    from diffsample.run.publish import check_out
+
+    try:
+        check_out(out, "--out", overwrite=overwrite, outputs=("grid.png", "run.json"))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it, else exit 2 with one line listing the valid devices."""
+    import torch
+
+    valid = ["cpu"]
+    if torch.cuda.is_available():
+        valid += ["cuda", *(f"cuda:{k}" for k in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        valid.append("mps")
+    if device not in valid and device != "cpu:0":
+        why = "" if device.split(":")[0] in ("cpu", "cuda", "mps", "meta") else " (unknown device)"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            why = " (no CUDA device on this machine)"
+        raise click.BadParameter(f"device {device!r} is not available{why}; valid: {', '.join(valid)}",
+                                 param_hint="'--device'")
+    return device
 
 
 def png_bytes_metadata(params: dict) -> "PngInfo":  # noqa: F821
@@ -67,9 +86,12 @@ def make_grid(images, ncol: int, scale: int) -> "Image.Image":  # noqa: F821
 
 
 def write_outputs(result, out: Path) -> list[Path]:
-    """Stage every file in a temporary folder, then move them into ``out``."""
+    """Write every file into a staging folder next to ``out``, then publish it as ``out`` at once
+    (:func:`diffsample.run.publish.publish`)."""
+    from diffsample.run.publish import make_staging, publish
+
     record = result.record
-    staging = Path(tempfile.mkdtemp(prefix="diffsample-"))
+    staging = make_staging(out)
     try:
         common = {k: record[k] for k in ("model", "solver", "schedule", "steps", "final", "guidance", "cfg_scale",
                                           "nfe", "model_evals", "dtype")}
@@ -87,12 +109,13 @@ def write_outputs(result, out: Path) -> list[Path]:
         names.append("grid.png")
         (staging / "run.json").write_text(json.dumps(record, indent=2) + "\n")
         names.append("run.json")
-        out.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            shutil.move(str(staging / name), str(out / name))
-        return [out / n for n in names]
-    finally:
+    except BaseException:
+        import shutil
+
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, out)
+    return [out / n for n in names]
 
 
 def marginal_summary(m: dict) -> str:
@@ -120,7 +143,7 @@ def marginal_summary(m: dict) -> str:
               help="Denoise to sigma=0 on the last step, or stop at the last grid point.")
 @click.option("--guidance", multiple=True, callback=registry_spec("guidance"), metavar="NAME[:k=v,...]",
               help="Guidance term (repeatable, applied in order).")
-@click.option("--cfg-scale", type=click.FloatRange(min=0), default=None, help="Classifier-free guidance scale.")
+@click.option("--cfg-scale", type=FiniteFloat(min=0), default=None, help="Classifier-free guidance scale.")
 @click.option("--class", "class_label", type=int, default=None,
               help="Class for every sample (default: sample index mod #classes).")
 @click.option("--prompt", default=None, help="Text prompt (text-to-image pipeline folders: SD, SDXL, SD3, FLUX, PixArt).")
@@ -137,23 +160,29 @@ def marginal_summary(m: dict) -> str:
 def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, negative_prompt, seed,
                  num_samples, batch_size, device, dtype, out, overwrite, quiet):
     """Generate samples: one PNG each (parameters in a text chunk), grid.png and run.json."""
-    from diffsample.run.generate import generate
-    from diffsample.run.models import ModelLoadError
-
     import warnings
 
-    from diffsample.run.generate import SolverSwitched
+    from diffsample.run.generate import DTYPES, SolverSwitched, generate
+    from diffsample.run.models import PipelineModel, load_model
+    from diffsample.run.publish import recover
 
+    check_device(device)
+    for note in recover(out):
+        click.echo(note, err=True)
     check_out_dir(out, overwrite)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", SolverSwitched)  # printed below as one line, from the record
-            result = generate(model, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
-                              class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
-                              device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
-                              negative_prompt=negative_prompt)
-    except (ValueError, ModelLoadError) as exc:
-        fail(str(exc))
+    loaded = load_model(model, device=device, dtype=DTYPES[dtype])
+    text_to_image = isinstance(loaded, PipelineModel) and loaded.denoiser.text_conditioned
+    if class_label is not None and isinstance(loaded, PipelineModel):
+        fail(f"--class needs a class-conditional model; {loaded.name!r} is a diffusers pipeline"
+             + (" (use --prompt)" if text_to_image else ""))
+    if negative_prompt is not None and not text_to_image:
+        fail(f"--negative-prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SolverSwitched)  # printed below as one line, from the record
+        result = generate(loaded, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
+                          class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
+                          device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
+                          negative_prompt=negative_prompt)
     for note in result.record.get("notes", []):
         click.echo(note, err=True)
     files = write_outputs(result, out)

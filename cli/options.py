@@ -62,3 +62,17 @@ def int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 def fail(message: str) -> None:
     """Stop with one line on stderr and exit code 2 (bad input; nothing written)."""
     raise click.UsageError(message)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option in a range that also refuses ``inf`` / ``nan`` (e.g. ``--cfg-scale 1e309``)."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
