@@ -41,6 +41,23 @@ def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", p
     return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress)
 
 
+def schedule_for_model(schedule: "str | Spec", model: "str | LoadedModel | PipelineModel | None") -> "str | Spec":
+    """``schedule`` with ``spectrum=NAME`` added when its step schedule takes a spectrum (``csflow``),
+    none was given, and ``model`` is a bundled model with a bundled spectrum of the same name
+    (``None`` / ``"mnist"`` -> ``spectrum=mnist``); otherwise ``schedule`` unchanged (csflow then
+    falls back to its default spectrum and says so)."""
+    from diffsample.core.spec import Spec
+    from diffsample.solvers.spectrum import bundled_spectra
+    from diffsample.testbed import BUNDLED_MODELS, DEFAULT_MODEL
+
+    name = DEFAULT_MODEL if model is None else getattr(model, "name", model)
+    spec = Spec.parse(schedule)
+    if (not isinstance(name, str) or name not in BUNDLED_MODELS or name not in bundled_spectra()
+            or "spectrum" in spec.options or not STEP_SCHEDULES.accepts(spec, "spectrum")):
+        return schedule
+    return str(spec.with_options(spectrum=name))
+
+
 def guidance_terms(model: LoadedModel, guidance: Sequence[str] = (), sampler: Sampler | None = None) -> list[Guidance]:
     """The guidance terms named in ``guidance``, built for ``model``'s resources. Terms whose
     factory takes ``sampler`` (CFG++, which needs the grid) receive ``sampler``.
@@ -158,6 +175,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     seed = check_seed_range(seed, num_samples)
     check_choice("dtype", dtype, DTYPES)
     solver, schedule = check_spec("solver", solver), check_spec("schedule", schedule)
+    schedule = schedule_for_model(schedule, model)  # csflow without spectrum=: the bundled model's spectrum
     guidance = check_specs("guidance", guidance)
     cfg_scale = check_scale("cfg_scale", cfg_scale)
     class_label, classes = check_label("class_label", class_label), check_classes(classes)
@@ -189,6 +207,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     # Terms acting on the noise of stochastic steps switch a deterministic solver to its stochastic variant.
     solver_spec, note = solver_for(solver, collect_hooks(guided))
     notes = [] if note is None else [note]
+    notes += [line for line in (getattr(sampler.step_schedule, "note", None),) if line]  # e.g. csflow's default spectrum
     if note is not None:
         warnings.warn(note, SolverSwitched, stacklevel=2)
         sampler = build_sampler(str(solver_spec), schedule, steps, final=final, progress=progress)
