@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import click
 
+from diffsample.cli.errors import DiffsampleGroup
 from diffsample.cli.generate_cmd import generate_cmd
 from diffsample.cli.options import REGISTRIES, registry
 from diffsample.cli.spectrum_cmd import spectrum_cmd
@@ -17,10 +18,14 @@ from diffsample.cli.sweep_cmd import sweep_cmd
 _KIND = {"solvers": "solver", "schedules": "step schedule", "guidance": "guidance term", "rewards": "reward"}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DiffsampleGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="diffsample")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback of an unexpected error (exit code 1).")
+def main(debug: bool) -> None:
     """Inference-time sampling and guidance for diffusion models.
+
+    Bad input ends with one line on stderr and exit code 2 (nothing written); an unexpected
+    error with one line and exit code 1 (the traceback with --debug).
 
     \b
     Examples:
