@@ -36,6 +36,11 @@ class RewardModelMissing(ValueError):
     """An optional reward model's local weight files are absent (nothing is downloaded)."""
 
 
+class RewardFileError(ValueError):
+    """An optional reward model's local file is unusable: not a regular file, too large, not
+    safetensors (pickle is refused), corrupt, or with the wrong tensors / config."""
+
+
 @runtime_checkable
 class Reward(Protocol):
     """``(x0 (B, *dims), cond) -> reward (B,)``; ``name`` identifies it in error messages."""
@@ -197,6 +202,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+HEAD_MAX_BYTES = 256 << 20
+"""Size limit of an aesthetic head file (the public one is under 4 MiB)."""
+HEAD_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+_HEAD_DIMS = (1024, 128, 64, 16, 1)
+CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+"""A CLIP folder needs one of these sets of tokenizer files."""
+
+
 def _require_path(path, reward: str, what: str):
     from pathlib import Path
 
@@ -208,19 +221,117 @@ def _require_path(path, reward: str, what: str):
     return p
 
 
-def _load_clip(folder, reward: str):
-    """A ``transformers.CLIPModel`` (+ tokenizer) from a local folder with safetensors weights."""
-    folder = _require_path(folder, reward, "a local CLIP model folder (clip=FOLDER)")
+def _one_line(exc: BaseException, n: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _check_clip_folder(folder, reward: str) -> None:
+    """Refuse, one line each, a CLIP folder that is not a directory, holds a FIFO / device, has
+    no readable ``config.json`` object of a CLIP model, no safetensors weights, or no tokenizer
+    files (a tokenizer built from nothing would turn every prompt into unknown tokens)."""
+    import stat
+
+    from diffsample.core.files import json_object, read_json
+
+    if not folder.is_dir():
+        raise RewardFileError(f"reward {reward!r}: clip={str(folder)!r} is not a folder (a local CLIP model folder)")
+    for entry in folder.iterdir():
+        try:
+            mode = entry.stat().st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            raise RewardFileError(f"reward {reward!r}: {str(entry)!r} in the CLIP folder is not a regular file "
+                                  "(a FIFO, socket or device); refused")
+    config_path = folder / "config.json"
+    try:
+        config = json_object(read_json(config_path, "CLIP config", max_bytes=1 << 20), f"CLIP config {str(config_path)!r}")
+    except FileNotFoundError:
+        raise RewardModelMissing(f"reward {reward!r}: the CLIP folder {str(folder)!r} has no config.json "
+                                 "(save it with CLIPModel.save_pretrained)") from None
+    except ValueError as exc:
+        raise RewardFileError(f"reward {reward!r}: {exc}") from None
+    if config.get("model_type", "clip") != "clip":
+        raise RewardFileError(f"reward {reward!r}: {str(config_path)!r} describes a {config.get('model_type')!r} "
+                              "model, not a CLIP model (model_type 'clip')")
     if not any(folder.glob("*.safetensors")):
         raise RewardModelMissing(f"reward {reward!r}: no *.safetensors weights in {str(folder)!r} (pickle weights "
                                  "are refused)")
+    if not any(all((folder / f).is_file() for f in files) for files in CLIP_TOKENIZER_FILES):
+        raise RewardModelMissing(f"reward {reward!r}: the CLIP folder {str(folder)!r} has no tokenizer files "
+                                 "(tokenizer.json, or vocab.json and merges.txt; save them with the tokenizer's "
+                                 "save_pretrained)")
+
+
+def _load_clip(folder, reward: str):
+    """A ``transformers.CLIPModel`` (+ tokenizer) from a local folder with safetensors weights.
+
+    Raises:
+        RewardModelMissing: no folder, no config.json, weights or tokenizer files in it, or no
+            ``transformers``.
+        RewardFileError: the folder or its files are unusable (one line naming what is wrong).
+    """
+    folder = _require_path(folder, reward, "a local CLIP model folder (clip=FOLDER)")
+    _check_clip_folder(folder, reward)
     try:
         from transformers import AutoTokenizer, CLIPModel
     except ImportError:
         raise RewardModelMissing(f"reward {reward!r} needs the 'transformers' package (pip install transformers)") from None
-    model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+    except Exception as exc:  # transformers / safetensors raise many types for corrupt folders
+        raise RewardFileError(f"reward {reward!r}: cannot load {str(folder)!r} as a CLIP model (safetensors "
+                              f"only): {_one_line(exc)}") from None
+    model.eval().requires_grad_(False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise RewardFileError(f"reward {reward!r}: cannot load the tokenizer of {str(folder)!r}: "
+                              f"{_one_line(exc)}") from None
     return model, tokenizer
+
+
+def _load_head(head_file, reward: str) -> dict[str, Tensor]:
+    """The aesthetic head's tensors from a local safetensors file, checked: a regular file of at
+    most :data:`HEAD_MAX_BYTES`, exactly the keys :data:`HEAD_KEYS`, shapes of the MLP
+    ``E -> 1024 -> 128 -> 64 -> 16 -> 1`` and finite floating-point values.
+
+    Raises:
+        RewardModelMissing: no file given or none at the path.
+        RewardFileError: anything else, one line.
+    """
+    from safetensors.torch import load_file
+
+    from diffsample.core.files import regular_file
+
+    path = _require_path(head_file, reward, "the aesthetic head weights (head=FILE.safetensors)")
+    try:
+        regular_file(path, "aesthetic head file", HEAD_MAX_BYTES)
+    except (OSError, ValueError) as exc:
+        raise RewardFileError(f"reward {reward!r}: {exc}") from None
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for malformed headers
+        raise RewardFileError(f"reward {reward!r}: head file {str(path)!r} is not a readable safetensors file "
+                              f"(pickle checkpoints are refused): {_one_line(exc)}") from None
+    missing, extra = sorted(set(HEAD_KEYS) - set(state)), sorted(set(state) - set(HEAD_KEYS))
+    if missing or extra:
+        raise RewardFileError(f"reward {reward!r}: head file {str(path)!r} must hold exactly {', '.join(HEAD_KEYS)}"
+                              + (f"; missing {', '.join(missing)}" if missing else "")
+                              + (f"; unexpected {', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}" if extra else ""))
+    first = state["layers.0.weight"]
+    dims = [first.shape[1] if first.ndim == 2 else -1, *_HEAD_DIMS]
+    for (i, out_dim), in_dim in zip(zip((0, 2, 4, 6, 7), _HEAD_DIMS), dims):
+        w, b = state[f"layers.{i}.weight"], state[f"layers.{i}.bias"]
+        if tuple(w.shape) != (out_dim, in_dim) or tuple(b.shape) != (out_dim,):
+            raise RewardFileError(f"reward {reward!r}: head file {str(path)!r}: layers.{i} has weight "
+                                  f"{tuple(w.shape)} and bias {tuple(b.shape)}, expected ({out_dim}, {in_dim}) and "
+                                  f"({out_dim},) (MLP E -> 1024 -> 128 -> 64 -> 16 -> 1)")
+        if not (w.is_floating_point() and b.is_floating_point()) or not (
+                bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+            raise RewardFileError(f"reward {reward!r}: head file {str(path)!r}: layers.{i} is not finite floating point")
+    return state
 
 
 def _clip_pixels(x0: Tensor, size: int) -> Tensor:
@@ -269,12 +380,13 @@ class Aesthetic:
     name = "aesthetic"
 
     def __init__(self, clip_folder, head_file) -> None:
-        from safetensors.torch import load_file
-
-        head_path = _require_path(head_file, self.name, "the aesthetic head weights (head=FILE.safetensors)")
+        state = _load_head(head_file, self.name)  # checked before the CLIP model is loaded
         self.model, _ = _load_clip(clip_folder, self.name)
-        state = load_file(str(head_path))
         dims = [state["layers.0.weight"].shape[1], 1024, 128, 64, 16, 1]
+        projection = getattr(self.model.config, "projection_dim", dims[0])
+        if dims[0] != projection:
+            raise RewardFileError(f"reward {self.name!r}: the head takes {dims[0]}-dimensional embeddings, the CLIP "
+                                  f"model gives {projection}")
         nn = torch.nn
         self.head = nn.Sequential(nn.Linear(dims[0], 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                                   nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))

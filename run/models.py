@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsample.core.files import json_object, read_json
 from diffsample.guidance.term import Cond, Resources
 from diffsample.solvers.noise_schedules import DiscreteVP
 
@@ -96,6 +97,117 @@ def folder_weight_files(folder: str | os.PathLike) -> tuple[Path, ...]:
     return tuple(f for f in files if f.is_file())
 
 
+MAX_SAMPLE_ELEMENTS = 1 << 24
+"""Largest per-sample tensor (``in_channels * height * width``) a UNet folder may declare
+(16.8 M elements, 64 MiB in float32: a 4096 x 4096 single-channel or a 2048 x 2048 x 4 sample)."""
+MAX_TRAIN_TIMESTEPS = 1_000_000
+_CONFIG_BYTES = 1 << 20  # scheduler / unet configs are a few KiB
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_folder_files(folder: Path) -> None:
+    """Refuse a model folder holding, at its top level or one level down, an entry that is
+    neither a directory nor a regular file (a FIFO, socket or device, e.g. a link to
+    ``/dev/zero``): loaders would block on it or read without end.
+
+    Raises:
+        ModelLoadError: naming the entry.
+    """
+    import stat
+
+    subfolders = [folder] + [d for d in folder.iterdir() if d.is_dir()]
+    for sub in subfolders:
+        for entry in sub.iterdir():
+            try:
+                mode = entry.stat().st_mode
+            except OSError:  # a dangling link: the loader reports it if it needs the file
+                continue
+            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise ModelLoadError(f"model folder {str(folder)!r}: {str(entry)!r} is not a regular file "
+                                     "(a FIFO, socket or device); refused")
+
+
+def _config(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json_object(read_json(path, what, max_bytes=_CONFIG_BYTES), f"{what} {str(path)!r}")
+    except FileNotFoundError:
+        raise ModelLoadError(f"{what} {str(path)!r} not found (diffusers layout: save_pretrained writes it)") from None
+    except ValueError as exc:
+        raise ModelLoadError(_one_line(exc)) from None
+
+
+def scheduler_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """``scheduler/scheduler_config.json`` of a model folder, checked: a regular JSON file (1 MiB
+    at most) holding an object whose ``num_train_timesteps`` is an integer in 2..1,000,000,
+    ``beta_start`` / ``beta_end`` numbers in (0, 1), ``trained_betas`` (if given) a list of
+    2..1,000,000 numbers in (0, 1), ``prediction_type`` a string and ``variance_type`` not learned
+    (a 2C-channel network output).
+
+    Raises:
+        ModelLoadError: the file is missing or fails a check (one line naming it).
+    """
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    what = f"scheduler config {str(path)!r}"
+    config = _config(path, "scheduler config")
+    n = config.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise ModelLoadError(f"{what}: num_train_timesteps must be an integer in 2..{MAX_TRAIN_TIMESTEPS}, got {n!r}")
+    for key in ("beta_start", "beta_end"):
+        v = config.get(key, 0.01)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ModelLoadError(f"{what}: {key} must be a number in (0, 1), got {v!r}")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        if not isinstance(betas, list) or not 2 <= len(betas) <= MAX_TRAIN_TIMESTEPS or any(
+                isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1 for b in betas):
+            raise ModelLoadError(f"{what}: trained_betas must be a list of 2..{MAX_TRAIN_TIMESTEPS} numbers in (0, 1)")
+    for key in ("prediction_type", "beta_schedule"):
+        if key in config and not isinstance(config[key], str):
+            raise ModelLoadError(f"{what}: {key} must be a string, got {config[key]!r}")
+    if config.get("variance_type") in ("learned", "learned_range"):
+        raise ModelLoadError(f"{what}: variance_type {config['variance_type']!r} (a 2C-channel network output) is "
+                             "not supported; valid: fixed_small, fixed_large or unset")
+    return config
+
+
+def _spatial(size: Any) -> tuple[int, int]:
+    """``sample_size`` (an int, or ``[height, width]``) as ``(height, width)``."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def unet_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """``unet/config.json`` of a model folder, checked before the network is built: a regular
+    JSON file (1 MiB at most) holding an object with ``in_channels`` an integer >= 1 and
+    ``sample_size`` an integer >= 1 (or ``[height, width]``) such that one sample,
+    ``in_channels * height * width``, stays within :data:`MAX_SAMPLE_ELEMENTS`.
+
+    Raises:
+        ModelLoadError: the file is missing or fails a check (one line naming it).
+    """
+    path = Path(folder) / "unet" / "config.json"
+    what = f"unet config {str(path)!r}"
+    config = _config(path, "unet config")
+    channels, size = config.get("in_channels", 3), config.get("sample_size")
+
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not is_count(channels):
+        raise ModelLoadError(f"{what}: in_channels must be an integer >= 1, got {channels!r}")
+    if not (is_count(size) or (isinstance(size, list) and len(size) == 2 and all(is_count(v) for v in size))):
+        raise ModelLoadError(f"{what}: sample_size must be an integer >= 1 or [height, width], got {size!r}")
+    h, w = _spatial(size)
+    if channels * h * w > MAX_SAMPLE_ELEMENTS:
+        raise ModelLoadError(f"{what}: one sample of in_channels={channels}, sample_size={size} has "
+                             f"{channels * h * w:,} elements, more than the limit {MAX_SAMPLE_ELEMENTS:,}; refused "
+                             "before allocating")
+    return config
+
+
 def load_model(spec: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a bundled model (``None``: the default one; a name in
@@ -103,7 +215,10 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
 
     Raises:
         ModelLoadError: the folder or its ``unet/`` / ``scheduler/`` is missing, it has no
-            safetensors weights (pickle checkpoints are refused), or its layout is unsupported.
+            safetensors weights (pickle checkpoints are refused), its layout is unsupported, it
+            holds a FIFO / device / socket (:func:`check_folder_files`), or a config fails its
+            checks (:func:`scheduler_config`, :func:`unet_config`: not a JSON object, an absurd
+            sample size, ...); one line each, before the network is built.
     """
     from diffusers import UNet2DModel
 
@@ -121,6 +236,7 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
             raise ModelLoadError(f"model {name!r} not found: not a local folder (hub downloads are off; "
                                  "point --model at a diffusers model folder or use a bundled model: "
                                  f"{', '.join(BUNDLED_MODELS)})")
+        check_folder_files(folder)
         if _is_pipeline_folder(folder):
             return load_pipeline(folder, device=device, dtype=dtype)
         if not (folder / "unet").is_dir() or not (folder / "scheduler").is_dir():
@@ -128,25 +244,27 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
         if not any((folder / "unet").glob("*.safetensors")):
             raise ModelLoadError(f"model folder {name!r} has no safetensors weights in unet/; pickle checkpoints "
                                  "(.bin/.pt/.ckpt) are refused")
+        config = scheduler_config(folder)  # checked before the network is built
+        unet_config(folder)
         try:
             unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True).to(device=device, dtype=dtype)
         except Exception as exc:  # diffusers raises various types for bad configs
-            raise ModelLoadError(f"cannot load {name!r}/unet as a UNet2DModel: {exc}") from None
+            raise ModelLoadError(f"cannot load {name!r}/unet as a UNet2DModel: {_one_line(exc)}") from None
         unet.eval().requires_grad_(False)
-        import json
-
-        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         classifier = clean = None
         weight_files, metrics = folder_weight_files(folder), ()
     prediction_type = config.get("prediction_type", "epsilon")
-    noise_schedule = DiscreteVP.from_config(config)
+    try:
+        noise_schedule = DiscreteVP.from_config(config)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {name!r}: scheduler config: {_one_line(exc)}") from None
     try:
         denoiser = ModelDenoiser(_unet_fn(unet), noise_schedule, prediction_type, model_dtype=dtype)
     except ValueError as exc:
         raise ModelLoadError(f"model {name!r}: {exc}") from None
     n_embeds = unet.config.get("num_class_embeds") if hasattr(unet.config, "get") else getattr(unet.config, "num_class_embeds", None)
     num_classes = (n_embeds - 1) if n_embeds else None
-    sample_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    sample_shape = (unet.config.in_channels, *_spatial(unet.config.sample_size))
     resources = Resources(classifier=classifier, clean_classifier=clean, num_classes=num_classes,
                           conditional=num_classes is not None)
     return LoadedModel(name, denoiser, sample_shape, resources, num_classes,
@@ -168,16 +286,19 @@ class PipelineModel:
 
 
 def _is_pipeline_folder(folder: Path) -> bool:
-    """A ``model_index.json`` naming a pipeline other than ``DDPMPipeline`` (which the UNet path loads)."""
-    import json
+    """A ``model_index.json`` naming a pipeline other than ``DDPMPipeline`` (which the UNet path loads).
 
+    Raises:
+        ModelLoadError: a ``model_index.json`` that is not a regular JSON file holding an object.
+    """
     index = folder / "model_index.json"
-    if not index.is_file():
+    if not index.exists():
         return False
     try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except ValueError:
-        return False
+        data = json_object(read_json(index, "model index"), f"model index {str(index)!r}")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_one_line(exc)) from None
+    name = data.get("_class_name")
     return isinstance(name, str) and name != "DDPMPipeline"
 
 

@@ -44,7 +44,9 @@ class ModelDenoiser:
     Each call records one model evaluation per row passed (``model_evals``).
 
     Raises:
-        ValueError: unknown ``prediction_type``; ``"flow"`` with a non-flow schedule.
+        ValueError: unknown ``prediction_type``; ``"flow"`` with a non-flow schedule; at call
+            time, a network output that is not a real floating-point tensor of exactly ``x``'s
+            shape (a ``()`` or ``(1, *dims)`` output is not broadcast over the batch).
     """
 
     def __init__(self, model_fn: ModelFn, noise_schedule: NoiseSchedule, prediction_type: str = "epsilon",
@@ -85,7 +87,14 @@ class ModelDenoiser:
         kwargs: Mapping[str, Any] = cond.positive if cond is not None else {}
         x_in = x if self.model_dtype is None else x.to(self.model_dtype)
         add_model_evals(x.shape[0])
-        out = self.model_fn(x_in, self.time_fn(t), **kwargs).to(x.dtype)
+        raw = self.model_fn(x_in, self.time_fn(t), **kwargs)
+        if not isinstance(raw, Tensor) or raw.shape != x.shape:
+            got = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__
+            raise ValueError(f"model output has shape {got}, expected x's shape {tuple(x.shape)} "
+                             f"({self.prediction_type} prediction; no broadcasting over the batch)")
+        if not (raw.is_floating_point()):
+            raise ValueError(f"model output has dtype {raw.dtype}, expected a real floating-point tensor")
+        out = raw.to(x.dtype)
         alpha, sigma = self._alpha_sigma(t, x)
         if self.prediction_type == "epsilon":
             return (x - sigma * out) / alpha

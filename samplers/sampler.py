@@ -156,10 +156,14 @@ class Sampler:
 
         Raises:
             NonFiniteError: the denoiser returned NaN/inf (unless ``allow_nonfinite``).
-            ValueError: a noise-changing term (NoiseTilt, SVDD, twisted SMC) with a deterministic
+            ValueError: ``noise`` that is not a real floating-point ``(B, *dims)`` tensor (complex
+                or integer noise is refused); a noise-changing term (NoiseTilt, SVDD, twisted SMC) with a deterministic
                 solver, more than one transition / best-of-N / twisted term in the chain, or twisted
                 SMC combined with another loop hook.
         """
+        if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1 or noise.shape[0] < 1:
+            what = f"{noise.dtype} tensor of shape {tuple(noise.shape)}" if isinstance(noise, Tensor) else repr(noise)
+            raise ValueError(f"noise must be a real floating-point tensor of shape (B, *dims) with B >= 1, got a {what}")
         hooks = collect_hooks(denoiser) if hooks is None else hooks
         hooks.check(self.solver)
         grid = self.grid(denoiser.noise_schedule)

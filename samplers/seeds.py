@@ -72,7 +72,7 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     listed = None if isinstance(seeds, (str, bytes)) else list(seeds) if isinstance(seeds, Iterable) else None
     if not listed:
         raise ValueError(f"seeds must be a non-empty list of integers in 0..2**63-1, got {seeds!r}")
-    return [check_seed(s, "every seed") for s in listed]
+    return [check_seed(s, "every entry of seeds") for s in listed]
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32,

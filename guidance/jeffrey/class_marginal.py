@@ -12,16 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from diffsample.core.files import json_array, json_int, json_numbers, json_object, json_type, read_json
 
 SUM_TOL = 1e-6
 
 
 def _num(v: Any, what: str) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"{what}: {v!r} is not a number")
     try:
         return float(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{what}: {v!r} is not a number") from None
 
 
@@ -55,12 +60,15 @@ def parse_target(target: str | os.PathLike | Mapping | Sequence[float] | Tensor,
     if isinstance(target, (str, os.PathLike)) and not isinstance(target, str) or (
             isinstance(target, str) and target.strip().endswith(".json")):
         path = Path(target)
-        if not path.is_file():
-            raise ValueError(f"target marginal file {str(path)!r} not found")
         try:
-            target = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"target marginal file {str(path)!r} is not valid JSON: {exc}") from None
+            target = read_json(path, "target marginal file")
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(target, list):
+            json_numbers(target, f"target marginal file {str(path)!r}: entry")
+        elif not isinstance(target, dict):
+            raise ValueError(f"target marginal file {str(path)!r} must hold an object {{CLASS: PROB, ...}} or a "
+                             f"list [P0, P1, ...], got {json_type(target)}")
     if isinstance(target, str):
         items = [p for p in target.replace(";", ",").replace("/", ",").split(",") if p.strip()]
         mapping: dict[Any, Any] = {}
@@ -81,8 +89,14 @@ def parse_target(target: str | os.PathLike | Mapping | Sequence[float] | Tensor,
         for k, v in target.items():
             probs[_cls(k, num_classes)] += _num(v, f"target marginal entry for class {k}")
     else:
-        probs = torch.as_tensor([_num(v, "target marginal") for v in torch.as_tensor(target).flatten().tolist()],
-                                dtype=torch.float64)
+        if isinstance(target, Tensor):
+            values = target.detach().flatten().tolist()
+        elif isinstance(target, (str, bytes)) or not isinstance(target, (Sequence, np.ndarray)):
+            raise ValueError(f"target marginal must be a mapping, a string, a JSON file or a list of probabilities, "
+                             f"got {type(target).__name__}")
+        else:
+            values = list(np.asarray(target, dtype=object).flatten()) if isinstance(target, np.ndarray) else list(target)
+        probs = torch.as_tensor([_num(v, "target marginal") for v in values], dtype=torch.float64)
         if num_classes is not None and probs.numel() != num_classes:
             raise ValueError(f"target marginal has {probs.numel()} entries; the classifier has {num_classes} classes")
     if probs.numel() == 0:
@@ -120,8 +134,25 @@ class MarginalEstimate:
         return {"probs": self.probs.tolist(), "n": self.n, "kind": self.kind}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "MarginalEstimate":
-        return cls(torch.tensor(d["probs"], dtype=torch.float64), int(d["n"]), str(d.get("kind", "soft")))
+    def from_json(cls, d: Mapping[str, Any], what: str = "marginal estimate") -> "MarginalEstimate":
+        """The estimate in a parsed JSON object ``{"probs": [...], "n": N, "kind": ...}``.
+
+        Raises:
+            ValueError: not an object, ``probs`` not a non-empty list of finite numbers, ``n`` not
+                an integer >= 0, ``kind`` not a string; one line naming ``what``.
+        """
+        d = json_object(d, what)
+        if "probs" not in d:
+            raise ValueError(f"{what} has no 'probs' (a list of class probabilities); keys: {', '.join(map(str, d)) or 'none'}")
+        json_array(d["probs"], f"{what}: probs")
+        probs = json_numbers(d["probs"], f"{what}: probs entry")
+        if not probs:
+            raise ValueError(f"{what}: probs is empty")
+        n = json_int(d.get("n", 0), f"{what}: n", 0)
+        kind = d.get("kind", "soft")
+        if not isinstance(kind, str):
+            raise ValueError(f"{what}: kind must be a string, got {json_type(kind)}")
+        return cls(torch.tensor(probs, dtype=torch.float64), n, kind)
 
 
 def estimate_marginal(samples: Tensor, classify: Callable[[Tensor], Tensor], kind: str = "soft",
@@ -162,10 +193,10 @@ def save_marginal(path: str | os.PathLike, key: str, estimate: MarginalEstimate,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path, "marginal cache")
         if not isinstance(data, dict) or "probs" in data:
             data = {}
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # missing, not a regular file, too large, binary, corrupt: replaced
         data = {}
     data[key] = {**estimate.to_json(), **(extra or {})}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -182,22 +213,29 @@ def save_marginal(path: str | os.PathLike, key: str, estimate: MarginalEstimate,
 
 
 def load_marginal(path: str | os.PathLike, key: str | None = None) -> MarginalEstimate | None:
-    """The cached estimate under ``key`` (or the file's only entry when ``key`` is None), or None.
+    """The estimate in the JSON file ``path``: the file's only object when it is one estimate
+    ``{"probs": [...], "n": N}``, else the entry under ``key`` (or the file's only entry when
+    ``key`` is None) of a mapping ``{key: estimate}``; ``None`` when the file or the key is absent.
 
     Raises:
-        ValueError: the file holds several entries and no ``key`` was given.
+        ValueError: the file is not a regular UTF-8 JSON file within the size and depth limits
+            (:func:`diffsample.core.files.read_json`), is not an object, an entry is not an estimate
+            (:meth:`MarginalEstimate.from_json`), or the file holds several entries and no ``key``
+            was given.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        data = json_object(read_json(path, "marginal file"), f"marginal file {str(path)!r}")
+    except FileNotFoundError:
         return None
-    data = json.loads(path.read_text())
     if "probs" in data:
-        return MarginalEstimate.from_json(data)
+        return MarginalEstimate.from_json(data, f"marginal file {str(path)!r}")
     if key is None:
         if len(data) != 1:
-            raise ValueError(f"marginal cache {str(path)!r} holds {len(data)} entries; name one: {', '.join(data)}")
+            raise ValueError(f"marginal file {str(path)!r} holds {len(data)} entries; name one: "
+                             f"{', '.join(list(data)[:10])}{', ...' if len(data) > 10 else ''}")
         key = next(iter(data))
-    return MarginalEstimate.from_json(data[key]) if key in data else None
+    return MarginalEstimate.from_json(data[key], f"marginal file {str(path)!r}, entry {key!r}") if key in data else None
 
 
 def log_weights(target: Tensor, model_marginal: Tensor, clip: float | None = None) -> Tensor:

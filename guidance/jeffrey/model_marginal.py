@@ -51,6 +51,7 @@ from torch import Tensor
 from diffsample.guidance.classifier import base_cond
 from diffsample.guidance.jeffrey.class_marginal import (SUM_TOL, MarginalEstimate, classifier_prior, estimate_marginal,
                                                         save_marginal)
+from diffsample.core.files import read_json
 from diffsample.guidance.term import PrepareContext
 
 MARGINAL_SEED_BASE = 10**9
@@ -161,19 +162,19 @@ def resolve_cache_path(cache: str | os.PathLike | None) -> Path | None:
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
-    """The cache's entries; ``{}`` when missing; ``None`` (after a warning) when corrupt."""
+    """The cache's entries; ``{}`` when missing; ``None`` (after a warning) when unreadable or
+    corrupt: not a regular file (a FIFO, a device, a link to ``/dev/zero``), larger than 16 MiB,
+    not UTF-8, invalid or too deeply nested JSON, or not a mapping; the caller recomputes and
+    replaces the file (:func:`diffsample.core.files.read_json`)."""
     try:
-        text = path.read_text()
+        data = read_json(path, "marginal cache")
     except FileNotFoundError:
         return {}
     except OSError as exc:
         warnings.warn(f"marginal cache {str(path)!r} cannot be read ({exc}); recomputing", stacklevel=3)
         return None
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        warnings.warn(f"marginal cache {str(path)!r} is corrupt (invalid JSON: {exc}); recomputing and "
-                      "overwriting it", stacklevel=3)
+    except ValueError as exc:  # not a regular file, too large, not UTF-8, invalid JSON, nested too deep
+        warnings.warn(f"{exc}; recomputing and overwriting it", stacklevel=3)
         return None
     if not isinstance(data, dict) or "probs" in data:
         warnings.warn(f"marginal cache {str(path)!r} is corrupt (not a mapping of keys to estimates); "
@@ -186,7 +187,7 @@ def _entry_estimate(entry: Any, num_classes: int, n: int) -> MarginalEstimate | 
     """A cached entry as an estimate, or ``None`` if it is malformed or does not fit."""
     try:
         est = MarginalEstimate.from_json(entry)
-    except (TypeError, KeyError, ValueError, RuntimeError):
+    except ValueError:
         return None
     p = est.probs
     if (p.ndim != 1 or p.numel() != num_classes or est.n != n or not bool(torch.isfinite(p).all())
