@@ -1,4 +1,9 @@
-"""``diffsample sweep``: FD/NFE grids with resume, a markdown table and a log-log plot."""
+"""``diffsample sweep``: FD/NFE grids with resume, a markdown table and a log-log plot.
+
+``--out`` is checked before anything runs (as ``generate``'s: not under a file, writable, no
+non-file under the names the sweep writes). ``results.jsonl`` is appended cell by cell (resume);
+``results.md`` and ``fd_vs_nfe.png`` are rewritten atomically over every row in the folder after
+the sweep, also when it stops on an error (the finished cells are kept)."""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from diffsample.cli.options import fail, int_list, registry_spec
+from diffsample.cli.options import FiniteFloat, int_list, registry_spec
 from diffsample.testbed import DEFAULT_METRIC, METRICS
 
 
@@ -20,7 +25,7 @@ from diffsample.testbed import DEFAULT_METRIC, METRICS
               help="Comma-separated step counts.")
 @click.option("--guidance", "guidance", multiple=True, callback=registry_spec("guidance"),
               help="Guidance setting (repeatable; each is one grid axis value; '+' composes terms).")
-@click.option("--cfg-scale", type=click.FloatRange(min=0), default=None)
+@click.option("--cfg-scale", type=FiniteFloat(min=0), default=None)
 @click.option("--num-samples", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
@@ -33,23 +38,32 @@ from diffsample.testbed import DEFAULT_METRIC, METRICS
 @click.option("-q", "--quiet", is_flag=True)
 def sweep_cmd(model, solvers, schedules, steps, guidance, cfg_scale, num_samples, seed, batch_size, metric, out, quiet):
     """Run a solver x schedule x steps (x guidance) grid; one JSON line per finished cell."""
-    from diffsample.run.models import ModelLoadError, load_model
-    from diffsample.run.sweep import markdown_table, plot, read_results, run_sweep
+    from diffsample.run.models import load_model
+    from diffsample.run.publish import check_out, recover
+    from diffsample.run.sweep import RESULTS, SUMMARIES, markdown_table, run_sweep, write_summaries
 
-    if out.exists() and not out.is_dir():
-        fail(f"--out {str(out)!r} exists and is not a directory")
+    for name in SUMMARIES:
+        for note in recover(out / name):
+            click.echo(note, err=True)
+    check_out(out, "--out", outputs=(RESULTS, *SUMMARIES))
     settings = [tuple(g.split("+")) if g != "none" else () for g in guidance] or [()]
+    loaded = load_model(model)
+    finished = False
     try:
-        loaded = load_model(model)
         rows = run_sweep(loaded, out, solvers=solvers, schedules=schedules, steps=steps, guidance=settings,
                          cfg_scale=cfg_scale, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                         metric=metric, log=(lambda s: None) if quiet else click.echo)
-    except (ValueError, ModelLoadError) as exc:
-        fail(str(exc))
-    # The table and plot cover every cell in the folder (earlier invocations included).
-    every = read_results(out)
-    (out / "results.md").write_text(markdown_table(every))
-    plot(every, out / "fd_vs_nfe.png")
-    table = markdown_table(rows)
+                         metric=metric, log=(lambda s: None) if quiet else click.echo,
+                         warn=lambda s: click.echo(f"warning: {s}", err=True))
+        finished = True
+    finally:
+        # The table and plot cover every cell in the folder (earlier invocations included), and are
+        # rewritten also when a cell failed; a failure here never hides the sweep's own error.
+        if (out / RESULTS).is_file():
+            try:
+                write_summaries(out)
+            except Exception as exc:
+                if finished:
+                    raise
+                click.echo(f"warning: could not rewrite {out / 'results.md'}: {exc}", err=True)
     if not quiet:
-        click.echo(table)
+        click.echo(markdown_table(rows))

@@ -261,8 +261,8 @@ def check_out(out: str | os.PathLike, option: str = "--out", *, overwrite: bool 
     out = Path(os.path.abspath(out))
     if os.path.lexists(out) and not out.is_dir():
         raise ValueError(f"{option} {shown!r} exists and is not a directory")
-    probe = out
-    while not os.path.lexists(probe):
+    probe = Path(shown)  # as typed, so messages name what the user wrote
+    while not os.path.lexists(probe) and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise ValueError(f"{option} {shown!r} cannot be created: {str(probe)!r} is a file, not a directory")
