@@ -118,6 +118,22 @@ def write_outputs(result, out: Path) -> list[Path]:
     return [out / n for n in names]
 
 
+def _quiet_loaders(model: str) -> None:
+    """No loading progress bars from diffusers / transformers (``-q``) for a model folder."""
+    from diffsample.testbed import BUNDLED_MODELS
+
+    if model in BUNDLED_MODELS:
+        return
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - transformers comes with the pipeline extras
+        return
+    transformers.utils.logging.disable_progress_bar()
+
+
 def marginal_summary(m: dict) -> str:
     """One line on where a Jeffrey model marginal came from."""
     probs = "[" + ", ".join(f"{p:.3f}" for p in m["probs"]) + "]"
@@ -170,6 +186,8 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
     for note in recover(out):
         click.echo(note, err=True)
     check_out_dir(out, overwrite)
+    if quiet:
+        _quiet_loaders(model)
     loaded = load_model(model, device=device, dtype=DTYPES[dtype])
     text_to_image = isinstance(loaded, PipelineModel) and loaded.denoiser.text_conditioned
     if class_label is not None and isinstance(loaded, PipelineModel):
