@@ -174,7 +174,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         warnings.warn(f"marginal cache {str(path)!r} cannot be read ({exc}); recomputing", stacklevel=3)
         return None
     except ValueError as exc:  # not a regular file, too large, not UTF-8, invalid JSON, nested too deep
-        warnings.warn(f"{exc}; recomputing and overwriting it", stacklevel=3)
+        warnings.warn(f"{exc}; the cache is corrupt: recomputing and overwriting it", stacklevel=3)
         return None
     if not isinstance(data, dict) or "probs" in data:
         warnings.warn(f"marginal cache {str(path)!r} is corrupt (not a mapping of keys to estimates); "
