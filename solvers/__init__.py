@@ -72,6 +72,37 @@ def _stein_unipc(probes: int = 5, probe_dist: str = "gaussian", div_mode: str = 
     return SteinDiff(UniPC(predictor_order=2, variant="bh2"), **_stein_options(locals()))
 
 
+_STEIN_BASE_NAMES = ("dpmpp_2m", "unipc_bh2", "heun")
+
+
+def _stein_base(base: str, allowed: tuple[str, ...] = _STEIN_BASE_NAMES):
+    """The wrapped solver of a Stein preset, by its registry name."""
+    if base not in allowed:
+        raise ValueError(f"base must be one of {', '.join(allowed)}; got {base!r}")
+    return SOLVERS.create(base)
+
+
+def _stein_paper(base: str = "dpmpp_2m", gamma_min: float | None = 0.0, probes: int = 5, param_space: str = "native",
+                 seed: int | None = 0):
+    """SteinDiff as Algorithm 1 of arXiv 2606.07835 states it: marginal coupling, every step, batch
+    statistics, Gaussian Hutchinson probes by VJP, gamma clipped from below only (options: :class:`SteinDiff`)."""
+    from diffsample.solvers.stein import SteinDiff
+
+    return SteinDiff(_stein_base(base), probes=probes, probe_dist="gaussian", div_mode="vjp", coupling="marginal",
+                     stats="batch", gamma_min=gamma_min, gamma_max=None, apply_steps="all", param_space=param_space,
+                     seed=seed)
+
+
+def _stein_lookahead(base: str = "dpmpp_2m", gamma_min: float | None = 0.5, gamma_max: float | None = 2.0,
+                     apply_steps: int | str = "all", transport: bool = True):
+    """Look-ahead Stein self-consistency correction (a hypothesis for the paper's SC variant;
+    options: :class:`~diffsample.solvers.stein_lookahead.SteinLookahead`)."""
+    from diffsample.solvers.stein_lookahead import SteinLookahead
+
+    return SteinLookahead(_stein_base(base, ("dpmpp_2m", "dpmpp_3m", "euler", "heun")), gamma_min=gamma_min,
+                          gamma_max=gamma_max, apply_steps=apply_steps, transport=transport)
+
+
 def _stein_options(values: dict) -> dict:
     return {k: values[k] for k in ("probes", "probe_dist", "div_mode", "coupling", "stats", "gamma_min", "gamma_max",
                                    "apply_steps", "param_space", "fd_eps", "seed")}
@@ -99,11 +130,29 @@ SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh2")
-SOLVERS.add("stein_dpm", _stein_dpm, "experimental: DPM-Solver++(2M) + SteinDiff (transition coupling, first step, "
-            "gamma in [0.5, 2]); nfe as 2M, +10 model evals; eta=1: the 2M SDE base (stochastic)",
+SOLVERS.add("stein_dpm", _stein_dpm, "experimental: DPM-Solver++(2M) + SteinDiff, diffsample's own variant "
+            "(transition coupling, first step only, gamma in [0.5, 2]; the paper's Algorithm 1 is stein_paper); "
+            "nfe as 2M, +10 model evals; eta=1: the 2M SDE base (stochastic)",
             aliases=("stein-dpm",), meanings=_STEIN)
-SOLVERS.add("stein_unipc", _stein_unipc, "experimental: UniPC-bh2 + SteinDiff (transition coupling, first step, "
-            "gamma in [0.5, 2]); nfe as UniPC, +10 model evals", aliases=("stein-unipc",), meanings=_STEIN)
+SOLVERS.add("stein_unipc", _stein_unipc, "experimental: UniPC-bh2 + SteinDiff, diffsample's own variant (transition "
+            "coupling, first step only, gamma in [0.5, 2]); nfe as UniPC, +10 model evals", aliases=("stein-unipc",),
+            meanings=_STEIN)
+SOLVERS.add("stein_paper", _stein_paper, "experimental: SteinDiff as Algorithm 1 of arXiv 2606.07835 states it "
+            "(marginal coupling, every step, batch statistics, 5 Gaussian VJP probes, gamma >= gamma_min, no upper "
+            "clip); nfe as the base, +10 model evals per base call", aliases=("stein-paper",),
+            meanings={"base": "wrapped solver: dpmpp_2m, unipc_bh2 or heun",
+                      "gamma_min": "lower clip of gamma (the paper's gamma_min, value unpublished; None: unbounded)",
+                      "probes": _STEIN["probes"], "param_space": _STEIN["param_space"], "seed": _STEIN["seed"]})
+SOLVERS.add("stein_lookahead", _stein_lookahead, "experimental HYPOTHESIS for SteinDiff's unpublished SC variant "
+            "(diffsample's construction): re-corrects each step along its residual so the batch meets the Stein "
+            "identity of the next marginal, using the next step's own evaluation; nfe as the base, +2 model evals "
+            "per step", aliases=("stein-lookahead",),
+            meanings={"base": "wrapped deterministic solver: dpmpp_2m, dpmpp_3m, euler or heun",
+                      "gamma_min": "lower clip of gamma (None: unbounded)",
+                      "gamma_max": "upper clip of gamma (None: unbounded)",
+                      "apply_steps": "re-corrected steps: all or k (the first k)",
+                      "transport": "serve the look-ahead output moved to the corrected state to first order "
+                                   "(true) or as evaluated (false)"})
 
 STEP_SCHEDULES: Registry = Registry("step schedule")
 STEP_SCHEDULES.add("karras", _P + "step_schedules:Karras", "Karras rho=7 on the VE sigma (EDM eq. 5)",
@@ -146,7 +195,8 @@ _LAZY = {
     "Denoise": "solver", "Grid": "solver", "NoiseFn": "solver", "NoiseSchedule": "solver", "Solver": "solver",
     "DPMSolverPP": "dpm_solver", "Euler": "euler", "FlowSDE": "flow_sde", "Heun": "heun",
     "VE": "noise_schedules", "DiscreteVP": "noise_schedules", "LinearVP": "noise_schedules",
-    "RectifiedFlow": "noise_schedules", "SteinDiff": "stein", "FlowShift": "step_schedules",
+    "RectifiedFlow": "noise_schedules", "SteinDiff": "stein", "SteinLookahead": "stein_lookahead",
+    "FlowShift": "step_schedules",
     "Karras": "step_schedules", "LambdaUniform": "step_schedules", "PolyExponential": "step_schedules",
     "TimeUniform": "step_schedules", "fixed": "step_schedules", "UniPC": "unipc",
 }
