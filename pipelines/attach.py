@@ -30,7 +30,7 @@ from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.solver import Solver
 
 from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture
-from diffsample.pipelines.resources import check_attach_guidance, pipeline_resources
+from diffsample.pipelines.resources import pipeline_resources
 from diffsample.pipelines.scheduler_shim import DiffSampleScheduler, needs_replay
 
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2", "prior")
@@ -90,7 +90,6 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
                   for g in guidance)
     labels = [str(g) if isinstance(g, (str, Spec)) else type(g).__name__ for g in guidance]
     schedule_obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
-    check_attach_guidance(terms, labels)  # CFG-family terms: the pipeline's loop does CFG (native loop instead)
     check_composition(terms, None, labels)
     hooks = term_hooks(terms, None)  # what the terms ask of the loop; nothing is evaluated
     several = [name for name in ("chains", "twist") if name in hooks.used()]

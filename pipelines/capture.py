@@ -191,6 +191,9 @@ class Replay:
                                   f"prediction passed to step {tuple(model_output.shape)}; " + NATIVE_LOOP_HINT)
             self.specs.append((call, x_slot, k, t_slot, ratio))
             chunks += [out[m * b:(m + 1) * b] for m in range(k)]
+        self.chunks = chunks
+        """The captured network outputs at the pipeline's own point, one ``(B, *dims)`` tensor per
+        batch chunk (e.g. ``[uncond, cond]`` for a CFG pipeline)."""
         self.weights = self._fit(chunks, model_output, rtol)
 
     @staticmethod
@@ -219,11 +222,13 @@ class Replay:
             outs.append(self._replay_chunk(x[r * b:(r + 1) * b], timestep[r * b:(r + 1) * b]))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _replay_chunk(self, x: Tensor, timestep: Tensor) -> Tensor:
+    def chunk_outputs(self, x: Tensor, timestep: Tensor) -> list[Tensor]:
+        """The network outputs of every captured batch chunk at ``x`` (``(B, *dims)``, one pipeline
+        batch) and per-row scheduler ``timestep`` ``(B,)``: one ``(B, *dims)`` tensor per chunk, in
+        the order of :attr:`chunks`. Counts the network rows it evaluates beyond the ``B`` that a
+        caller's adapter counts (``add_model_evals``)."""
         b = self.batch
-        work = torch.promote_types(x.dtype, torch.float32)
-        total: Tensor | float = 0.0
-        j = 0
+        outs: list[Tensor] = []
         for call, x_slot, k, t_slot, ratio in self.specs:
             args, kwargs = list(call.args), dict(call.kwargs)
             ref = x_slot.get(call)
@@ -236,10 +241,16 @@ class Replay:
             finally:
                 self.capture.replaying = False
             add_model_evals(k * b - b / len(self.specs))  # the adapter counts b rows per replay in all
-            for m in range(k):
-                w = self.weights[:, j].to(device=x.device, dtype=work).reshape((b,) + (1,) * (x.ndim - 1))
-                total = total + w * out[m * b:(m + 1) * b].to(device=x.device, dtype=work)
-                j += 1
+            outs += [out[m * b:(m + 1) * b] for m in range(k)]
+        return outs
+
+    def _replay_chunk(self, x: Tensor, timestep: Tensor) -> Tensor:
+        b = self.batch
+        work = torch.promote_types(x.dtype, torch.float32)
+        total: Tensor | float = 0.0
+        for j, out in enumerate(self.chunk_outputs(x, timestep)):
+            w = self.weights[:, j].to(device=x.device, dtype=work).reshape((b,) + (1,) * (x.ndim - 1))
+            total = total + w * out.to(device=x.device, dtype=work)
         return total
 
     @staticmethod

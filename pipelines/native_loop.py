@@ -12,8 +12,8 @@ pipeline's default; applied when > 1, as the pipelines do) or one CFG-family ter
 not applied under it, and an explicit ``cfg_scale`` with it is refused (give the scale in the term,
 ``cfg_rescale:scale=7.5``). Text-to-image pipelines are conditional (their negative / empty-prompt
 branch is the unconditional one), so the CFG family is built for them
-(:func:`~diffsample.pipelines.resources.pipeline_resources`). Under ``attach`` the pipeline's own
-loop does the CFG step, and CFG-family terms are refused there.
+(:func:`~diffsample.pipelines.resources.pipeline_resources`). Under ``attach`` a CFG-family term works
+on the two branches of the pipeline's own CFG calls (docs/design.md#composition).
 """
 
 from __future__ import annotations

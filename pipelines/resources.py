@@ -1,8 +1,9 @@
-"""What a diffusers pipeline offers guidance terms, and which terms each front-end can honour.
+"""What a diffusers pipeline offers guidance terms, and the CFG scale the native loop applies.
 
 One place for both front-ends: :func:`pipeline_resources` (the :class:`~diffsample.guidance.term.Resources`
-a pipeline's terms are built with), :func:`pipeline_guidance` (the native loop's terms and CFG scale)
-and :func:`check_attach_guidance` (what :func:`~diffsample.pipelines.attach.attach` refuses).
+a pipeline's terms are built with) and :func:`native_cfg_scale` (the native loop's CFG below the
+terms). Under :func:`~diffsample.pipelines.attach.attach` a CFG-family term works on the two batch
+chunks of the pipeline's own CFG calls (the scheduler shim's branch denoiser).
 
 Nesting order on every path: ``model -> CFG (the pipeline's cfg_scale, or one CFG-family term) ->
 the other guidance terms, in the order given``. A CFG-family term (``cfg``, ``cfg_rescale``,
@@ -21,9 +22,6 @@ from diffsample.guidance.composition import calls_model_branches, sets_cfg_scale
 from diffsample.guidance.term import Guidance
 from diffsample.pipelines.pipeline_denoiser import adapter_class
 
-NATIVE_GUIDANCE_HINT = ("use the native loop, which evaluates both branches itself: "
-                        "diffsample.pipelines.sample_pipeline(pipe, prompt, guidance=[{spec!r}]) or "
-                        "diffsample generate --model FOLDER --prompt ... --guidance {spec}")
 
 
 def is_conditional(pipe_or_denoiser: Any) -> bool:
@@ -100,20 +98,3 @@ def native_cfg_scale(terms: Sequence[Guidance], labels: Sequence[str], cfg_scale
                          f"and cannot wrap the pipeline's default CFG (scale {scale:g}); pass cfg_scale=1 "
                          "(--cfg-scale 1) to turn CFG off, or use a CFG-family term (e.g. cfg:scale=...)")
     return float(scale)
-
-
-def check_attach_guidance(terms: Sequence[Guidance], labels: Sequence[str] | None = None) -> None:
-    """Refuse, before sampling, guidance :func:`~diffsample.pipelines.attach.attach` cannot honour:
-    a CFG-family term. The pipeline's own loop combines the conditional and unconditional network
-    outputs with its ``guidance_scale`` before ``scheduler.step`` sees the prediction, so a term
-    that replaces that combination has no branches to work on.
-
-    Raises:
-        ValueError: one line naming the term and the native-loop call that runs it.
-    """
-    names = list(labels) if labels is not None else [label(t) for t in terms]
-    family = cfg_family(terms, names)
-    if family:
-        raise ValueError(f"guidance {family[0]!r} replaces the pipeline's CFG, which the pipeline's own loop applies "
-                         "before scheduler.step (attach never sees the two branches); "
-                         + NATIVE_GUIDANCE_HINT.format(spec=family[0]))

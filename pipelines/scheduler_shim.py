@@ -34,8 +34,9 @@ from diffusers.utils import BaseOutput
 from torch import Tensor
 
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES, SteinDiff
-from diffsample.core.accounting import count_model_evals
-from diffsample.guidance.composition import compose
+from diffsample.core.accounting import add_model_evals, count_model_evals
+from diffsample.guidance.composition import compose, sets_cfg_scale
+from diffsample.guidance.term import Cond
 from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.samplers.sampler import renoise
 from diffsample.solvers.transition import use_transition
@@ -391,6 +392,7 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
 
     # ---- the diffusers scheduler surface ---------------------------------------------------------
     def _reset(self) -> None:
+        self._chain: tuple | None = None  # (step denoiser, guided chain, its hooks, branches?) of the run
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._state: Any = None
@@ -525,6 +527,7 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         scheduler whose grid ``schedule=None`` reproduces, the network-call capture for re-evaluation,
         and the scheduler to restore on :meth:`unbind`."""
         self._solver_obj, self._schedule_obj, self._guidance = solver, schedule, tuple(guidance)
+        self._chain = None
         self._grid_source, self._capture, self._original = grid_source, capture, original
 
     @property
@@ -582,14 +585,21 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         with count_model_evals():  # the pipeline's own pass is counted from the hooks
             denoised = self._convert(x, t_vec)
         self._current_output = None
-        step_denoiser = _StepDenoiser(self, x, t_i, denoised, model_output, sample, timestep)
-        # The pipeline's loop did CFG; the terms wrap its guided prediction (the composition contract).
-        guided = compose(step_denoiser, self._guidance)
-        hooks = collect_hooks(guided)
+        if self._chain is None:
+            # One chain per run, so stateful terms (APG momentum, CFG-Zero* zero-init) see the whole run.
+            # The composition contract: the pipeline's loop did CFG and the terms wrap its guided prediction;
+            # a CFG-family term replaces that CFG and works on the two branches of the captured calls.
+            step_denoiser = _StepDenoiser(self)
+            branches = any(sets_cfg_scale(term) for term in self._guidance)
+            guided = compose(_BranchDenoiser(step_denoiser) if branches else step_denoiser, self._guidance)
+            self._chain = (step_denoiser, guided, collect_hooks(guided), branches)
+        step_denoiser, guided, hooks, branches = self._chain
+        step_denoiser.bind(x, t_i, denoised, model_output, sample, timestep)
+        cond = branch_cond(x.shape[0], x.device) if branches else None
 
         def denoise(x_in: Tensor, t: Tensor) -> Tensor:
             self.nfe += 1
-            return guided(x_in, t, None)
+            return guided(x_in, t, cond)
 
         noise_fn = None
         if self.solver.stochastic:
@@ -627,15 +637,22 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
 
 
 class _StepDenoiser:
-    """The denoiser of one pipeline step: the pipeline's prediction at its own point, a replay of its
-    captured network calls anywhere else (or with gradients)."""
+    """The denoiser of the current pipeline step: the pipeline's prediction at its own point, a replay
+    of its captured network calls anywhere else (or with gradients). One per run, rebound every step."""
 
-    def __init__(self, shim: DiffSampleScheduler, x: Tensor, t_i: float, denoised: Tensor, model_output: Tensor,
-                 sample: Tensor, timestep: Any) -> None:
-        self.shim, self.x, self.t_i, self.denoised = shim, x, t_i, denoised
-        self.model_output, self.sample, self.timestep = model_output, sample, timestep
+    def __init__(self, shim: DiffSampleScheduler) -> None:
+        self.shim = shim
         self.noise_schedule = shim.process.noise_schedule
+        self.generation = 0  # counts bind() calls, so per-step caches elsewhere know when to refresh
+
+    def bind(self, x: Tensor, t_i: float, denoised: Tensor, model_output: Tensor, sample: Tensor,
+             timestep: Any) -> None:
+        """Point the denoiser at a new pipeline step."""
+        self.x, self.t_i, self.denoised = x, t_i, denoised
+        self.model_output, self.sample, self.timestep = model_output, sample, timestep
         self._replay: ModelDenoiser | None = None
+        self._replay_calls: Replay | None = None
+        self.generation += 1
 
     def _at_own_point(self, x: Tensor, t: Tensor) -> bool:
         if x is not self.x or (torch.is_grad_enabled() and x.requires_grad):
@@ -651,19 +668,108 @@ class _StepDenoiser:
             self._replay = self._build_replay()
         return self._replay(x, t)
 
+    def replay(self) -> Replay:
+        """The replay of this step's captured network calls (built once).
+
+        Raises:
+            ReplayError: no captured calls (the shim was not attached), or calls that cannot be replayed.
+        """
+        if self._replay_calls is None:
+            shim = self.shim
+            if shim._capture is None:
+                raise ReplayError(f"solver {type(shim.solver).__name__} (or a guidance term) needs to re-evaluate "
+                                  "the network, but this scheduler has no captured network calls (set it with "
+                                  "diffsample.attach(pipe, ...) rather than pipe.scheduler = ...); " + NATIVE_LOOP_HINT)
+            tau = float(torch.as_tensor(self.timestep).reshape(-1)[0])
+            self._replay_calls = Replay(shim._capture, self.sample, self.model_output, tau)
+        return self._replay_calls
+
     def _build_replay(self) -> ModelDenoiser:
         shim = self.shim
-        if shim._capture is None:
-            raise ReplayError(f"solver {type(shim.solver).__name__} (or a guidance term) needs to re-evaluate the "
-                              "network, but this scheduler has no captured network calls (set it with "
-                              "diffsample.attach(pipe, ...) rather than pipe.scheduler = ...); " + NATIVE_LOOP_HINT)
-        tau = float(torch.as_tensor(self.timestep).reshape(-1)[0])
-        replay = Replay(shim._capture, self.sample, self.model_output, tau)
+        replay = self.replay()
         process = shim.process
         network_dtype = next(iter(shim._capture.modules.values())).dtype \
             if hasattr(next(iter(shim._capture.modules.values())), "dtype") else None
         return ModelDenoiser(replay, process.noise_schedule, process.prediction_type,
                              time_fn=process.timestep, model_dtype=network_dtype)
+
+
+def branch_cond(batch: int, device: Any) -> Cond:
+    """The condition a CFG-family term under :func:`~diffsample.attach` passes down: ``branch`` 1 on
+    the positive (conditional) side, 0 on the negative (unconditional) side, one value per row."""
+    return Cond({"branch": torch.ones(batch, device=device)}, {"branch": torch.zeros(batch, device=device)})
+
+
+class _BranchDenoiser:
+    """The two branches of one CFG pipeline step, for a CFG-family term under attach.
+
+    A row whose ``cond.positive["branch"]`` is 1 gets the conditional network output, 0 the
+    unconditional one, as ``denoised``. The branches are the batch chunks of the pipeline's own
+    (doubled-batch) network calls, told apart by the weights the pipeline combined them with (the
+    conditional one carries ``guidance_scale``). At the step's own point the captured outputs serve;
+    elsewhere one replay of the captured calls gives both.
+
+    Raises:
+        ReplayError: the pipeline ran without CFG (one branch only: pass ``guidance_scale > 1`` to the
+            pipeline, or use the native loop), or the two branches cannot be told apart.
+    """
+
+    def __init__(self, step: _StepDenoiser) -> None:
+        self.step, self.noise_schedule = step, step.noise_schedule
+        process = step.shim.process
+        self._raw: Tensor | None = None
+        self._convert = ModelDenoiser(lambda _x, _t: self._raw, process.noise_schedule, process.prediction_type)
+        self._timestep = process.timestep
+        self._generation = -1
+
+    def _refresh(self) -> None:
+        """Read the current step's branches (once per step)."""
+        if self._generation == self.step.generation:
+            return
+        replay = self.step.replay()
+        if len(replay.chunks) != 2:
+            raise ReplayError(f"a CFG-family guidance term under attach needs both branches of the pipeline's CFG, "
+                              f"but its network call carried {len(replay.chunks)} batch chunk(s): call the pipeline "
+                              "with guidance_scale > 1, or " + NATIVE_LOOP_HINT)
+        mean = replay.weights.mean(0)
+        if abs(float(mean[0] - mean[1])) < 1e-3:
+            raise ReplayError("cannot tell the pipeline's conditional branch from its unconditional one (equal CFG "
+                              "weights); " + NATIVE_LOOP_HINT)
+        cond_j = int(mean.argmax())
+        self.replay, self.order = replay, (1 - cond_j, cond_j)
+        self._generation = self.step.generation
+
+    def _pair(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(unconditional, conditional)`` network outputs at ``x`` (one pipeline batch)."""
+        own = not (torch.is_grad_enabled() and x.requires_grad) and torch.equal(x, self.step.x) and bool(
+            ((t.to(torch.float64) - self.step.t_i).abs() <= 1e-6 * max(1.0, abs(self.step.t_i))).all())
+        outs = self.replay.chunks if own else self.replay.chunk_outputs(x, self._timestep(t))
+        if not own:
+            add_model_evals(x.shape[0])  # chunk_outputs leaves one batch of rows to the caller
+        return outs[self.order[0]], outs[self.order[1]]
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        if cond is None or "branch" not in cond.positive:
+            raise ReplayError("the pipeline's branches are reached through a CFG-family term's condition")
+        self._refresh()
+        b = self.step.x.shape[0]
+        branch = torch.as_tensor(cond.positive["branch"]).reshape(-1)
+        out, seen = [], []  # call_both sends the same x twice (both branches): evaluate it once
+        for r in range(x.shape[0] // b):
+            rows = slice(r * b, (r + 1) * b)
+            xr, tr = x[rows], t[rows]
+            found = next((pair for xk, tk, *pair in seen if not xr.requires_grad and torch.equal(xk, xr)
+                          and torch.equal(tk, tr)), None)
+            if found is None:
+                found = list(self._pair(xr, tr))
+                seen.append((xr, tr, *found))
+            uncond, condl = found
+            pick = branch[rows].to(device=xr.device).reshape((-1,) + (1,) * (x.ndim - 1)) > 0.5
+            with count_model_evals():  # the network rows were counted where they ran
+                self._raw = torch.where(pick, condl, uncond)
+                out.append(self._convert(xr, tr))
+            self._raw = None
+        return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def needs_replay(solver: Solver, guidance: Sequence[Any], process: Process) -> bool:

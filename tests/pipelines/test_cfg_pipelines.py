@@ -1,5 +1,5 @@
 """The CFG family on text-to-image pipelines (native loop, ``generate --model FOLDER``), its
-nesting with the pipeline's own CFG scale, what ``attach`` refuses, and one ``model_evals`` for
+nesting with the pipeline's own CFG scale, the family through ``attach``, and one ``model_evals`` for
 the scheduler shim with and without attach's hooks."""
 
 import copy
@@ -19,7 +19,7 @@ from diffsample.cli.main import main  # noqa: E402
 from diffsample.guidance import ClassifierGuidance  # noqa: E402
 from diffsample.guidance.term import Cond  # noqa: E402
 from diffsample.pipelines import PipelineDenoiser, guided_denoiser, sample_pipeline  # noqa: E402
-from diffsample.pipelines.resources import check_attach_guidance, pipeline_resources  # noqa: E402
+from diffsample.pipelines.resources import pipeline_resources  # noqa: E402
 from diffsample.pipelines.scheduler_shim import DiffSampleScheduler  # noqa: E402
 from diffsample.testbed import tiny_pipelines as tp  # noqa: E402
 
@@ -141,23 +141,44 @@ def test_cfg_family_needs_a_conditional_pipeline():
 
 
 # ---- attach ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("spec", ["cfg", "cfg_rescale:scale=5", "apg", "cfg_zero_star"])
-def test_attach_refuses_cfg_family_terms_before_sampling(spec):
+ATTACH_FAMILIES = ["sd", "sdxl", "pixart"]  # eps-prediction VP pipelines; see the note below for SD3 / FLUX
+
+
+@pytest.mark.parametrize("family", ATTACH_FAMILIES)
+@pytest.mark.parametrize("spec,solver", [("cfg:scale=3", "heun"), ("cfg_rescale:scale=3,phi=0.7", "dpmpp_2m"),
+                                         ("apg:scale=3", "dpmpp_2m"), ("cfg_zero_star:scale=3,space=eps", "unipc_bh2")])
+def test_attach_runs_cfg_family_terms_on_the_pipelines_branches(family, spec, solver):
+    """A CFG-family term through attach replaces the pipeline's CFG: it works on the two batch chunks of the
+    pipeline's own network calls (the pipeline's guidance_scale only makes it evaluate both) and gives the
+    native loop's samples; stateful terms (APG momentum) keep their state over the run."""
+    pipe = copy.copy(_pipe(family))
+    kw = tp.call_kwargs(family, steps=STEPS, batch=BATCH)
+    kw["guidance_scale"] = 5.0  # the pipeline's own scale: replaced by the term's
+    attach(pipe, solver, guidance=[spec])
+    ours = torch.as_tensor(pipe(**kw, generator=torch.Generator().manual_seed(0)).images).float()
+    report = pipe.scheduler.report()
+    detach(pipe)
+    out = sample_pipeline(pipe, kw["prompt"], solver=solver, guidance=[spec], steps=STEPS, num_images_per_prompt=BATCH,
+                          height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert float((ours - out.latents).norm() / out.latents.norm()) <= 1e-5
+    assert report["nfe"] == out.result.nfe and report["model_evals"] == out.result.model_evals
+    plain = sample_pipeline(pipe, kw["prompt"], solver=solver, steps=STEPS, num_images_per_prompt=BATCH, cfg_scale=5.0,
+                            height=16, width=16, generator=torch.Generator().manual_seed(0), output_type="latent")
+    assert float((ours - plain.latents).norm() / plain.latents.norm()) > 1e-3  # the term, not the pipeline's CFG
+
+
+def test_attach_cfg_family_term_needs_the_pipelines_two_branches():
+    from diffsample.pipelines.capture import ReplayError
+
     pipe = copy.copy(_pipe("sd"))
-    original = pipe.scheduler
-    with pytest.raises(ValueError, match=rf"guidance {spec!r} replaces the pipeline's CFG.*sample_pipeline\(pipe, "
-                                         rf"prompt, guidance=\[{spec!r}\]\).*--guidance {spec}"):
-        attach(pipe, "dpmpp_2m", guidance=[spec])
-    assert pipe.scheduler is original  # nothing attached
-
-
-def test_check_attach_guidance_lets_other_terms_through():
-    term = ClassifierGuidance(clean_classifier=torch.nn.Linear(2, 2), estimator="tweedie", label=0)
-    check_attach_guidance([term], ["classifier"])  # no CFG-family term: nothing to refuse
-    from diffsample.guidance import CFG
-
-    with pytest.raises(ValueError, match="replaces the pipeline's CFG"):
-        check_attach_guidance([CFG(2.0)])
+    kw = tp.call_kwargs("sd", steps=2, batch=1)
+    kw["guidance_scale"] = 1.0  # the pipeline then evaluates the conditional branch only
+    attach(pipe, "dpmpp_2m", guidance=["cfg:scale=3"])
+    try:
+        with pytest.raises(ReplayError, match="needs both branches of the pipeline's CFG.*guidance_scale > 1"):
+            pipe(**kw, generator=torch.Generator().manual_seed(0))
+    finally:
+        detach(pipe)
 
 
 # ---- generate --model FOLDER -----------------------------------------------------------------------------
