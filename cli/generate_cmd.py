@@ -96,6 +96,8 @@ def write_outputs(result, out: Path) -> list[Path]:
         common = {k: record[k] for k in ("model", "solver", "schedule", "steps", "final", "guidance", "cfg_scale",
                                           "nfe", "model_evals", "dtype")}
         common["version"] = record["versions"]["diffsample"]
+        if record.get("stop") is not None:
+            common["stop"] = record["stop"]
         names = []
         for k, image in enumerate(result.images):
             params = {**common, "seed": record["seeds"][k]}
@@ -164,6 +166,14 @@ def marginal_summary(m: dict) -> str:
               help="Class for every sample (default: sample index mod #classes).")
 @click.option("--prompt", default=None, help="Text prompt (text-to-image pipeline folders: SD, SDXL, SD3, FLUX, PixArt).")
 @click.option("--negative-prompt", default=None, help="Negative prompt (the CFG branch; default empty).")
+@click.option("--stop", type=FiniteFloat(), default=None, metavar="VALUE",
+              help="Stop every run at this noise level and return the state there (truncated sampling, "
+                   "arXiv 2606.13796).")
+@click.option("--stop-unit", default="ou_time", show_default=True,
+              help="Unit of --stop: ou_time, logsnr, lambda, sigma (EDM), t_rf or native (the model's timestep).")
+@click.option("--stop-return", default="noisy", show_default=True,
+              help="What a stopped run returns: noisy (x_stop), denoised (+1 model evaluation), rescaled "
+                   "(x_stop / alpha) or ou (VP coordinates).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="First seed; sample k uses seed + k.")
 @click.option("--num-samples", type=click.IntRange(min=1), default=16, show_default=True)
@@ -173,16 +183,18 @@ def marginal_summary(m: dict) -> str:
 @click.option("--out", "out", type=click.Path(path_type=Path), default=Path(DEFAULT_OUT), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Write into an --out folder that already holds files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, negative_prompt, seed,
-                 num_samples, batch_size, device, dtype, out, overwrite, quiet):
+def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, class_label, prompt, negative_prompt, stop,
+                 stop_unit, stop_return, seed, num_samples, batch_size, device, dtype, out, overwrite, quiet):
     """Generate samples: one PNG each (parameters in a text chunk), grid.png and run.json."""
     import warnings
 
     from diffsample.run.generate import DTYPES, SolverSwitched, generate
     from diffsample.run.models import PipelineModel, load_model
     from diffsample.run.publish import recover
+    from diffsample.solvers.stop_time import stop_options
 
     check_device(device)
+    stop_options(stop, stop_unit, stop_return)  # one-line refusal before anything is loaded or written
     for note in recover(out):
         click.echo(note, err=True)
     check_out_dir(out, overwrite)
@@ -200,7 +212,7 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
         result = generate(loaded, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
                           class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
                           device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,
-                          negative_prompt=negative_prompt)
+                          negative_prompt=negative_prompt, stop=stop, stop_unit=stop_unit, stop_return=stop_return)
     for note in result.record.get("notes", []):
         click.echo(note, err=True)
     files = write_outputs(result, out)

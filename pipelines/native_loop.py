@@ -89,7 +89,8 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
                     height: int | None = None, width: int | None = None, generator: Any = None,
                     noise: Tensor | None = None, noise_fn: NoiseFn | None = None,
                     chain_noise: Callable[[int], tuple[Tensor, NoiseFn | None]] | None = None, output_type: str = "pt",
-                    denoiser: PipelineDenoiser | None = None, **encode_kwargs: Any) -> PipelineSample:
+                    denoiser: PipelineDenoiser | None = None, stop: Any = None, stop_return: str = "noisy",
+                    **encode_kwargs: Any) -> PipelineSample:
     """Sample from ``pipe`` with our loop (any solver, guidance term, exact ``nfe`` / ``model_evals``).
 
     Args:
@@ -116,6 +117,11 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
             twisted SMC (default: fresh ``torch.randn`` draws).
         output_type: ``"pt"`` (decoded images) or ``"latent"``.
         denoiser: a prebuilt adapter (default ``PipelineDenoiser.from_pipeline(pipe)``).
+        stop, stop_return: a :class:`~diffsample.solvers.stop_time.StopTime`: the grid is cut at the
+            stop (truncated sampling, arXiv 2606.13796) and the latent ``stop_return`` names
+            (``noisy``, ``denoised``, ``rescaled``, ``ou``) is returned and decoded. Without a stop
+            the run ends with the pipeline's usual step to ``sigma = 0``, a Tweedie-type output,
+            not the truncated state.
         **encode_kwargs: passed to the family's ``encode`` (FLUX ``guidance_scale``,
             ``max_sequence_length``).
 
@@ -149,13 +155,14 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
         step_schedule = STEP_SCHEDULES.create(schedule) if isinstance(schedule, str) else schedule
         pg = grid_from_schedule(step_schedule, den.process, steps)
     step_schedule, final = pg.step_schedule()
-    sampler = Sampler(solver_obj, step_schedule, pg.steps, final=final)
+    sampler = Sampler(solver_obj, step_schedule, pg.steps, final=final, stop=stop, stop_return=stop_return)
     guided, applied = _guided(den, cfg_scale, guidance, sampler)
     if spec is not None:
         switched = switch_for_noise_terms(spec, collect_hooks(guided))
         if switched != spec:
             spec = switched
-            sampler = Sampler(SOLVERS.create(str(spec)), step_schedule, pg.steps, final=final)
+            sampler = Sampler(SOLVERS.create(str(spec)), step_schedule, pg.steps, final=final, stop=stop,
+                              stop_return=stop_return)
             guided, applied = _guided(den, cfg_scale, guidance, sampler)
     result = sampler(guided, init, cond if den.text_conditioned else None, noise_fn=noise_fn, chain_noise=chain_noise)
     latents = result.x

@@ -17,6 +17,7 @@ from diffsample.guidance.composition import compose
 from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+from diffsample.solvers.stop_time import StopTime, stop_options, stop_record
 
 from diffsample.run.record import GenerateResult, versions
 from diffsample.run.models import LoadedModel, PipelineModel, load_model
@@ -32,13 +33,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS = "dpmpp_2m", "trailing", 20
 
 
-def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", progress: bool = False) -> Sampler:
-    """A :class:`Sampler` from registry specs (``"dpmpp_2m"``, ``"karras:rho=5"``).
+def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", progress: bool = False,
+                  stop: StopTime | None = None, stop_return: str = "noisy") -> Sampler:
+    """A :class:`Sampler` from registry specs (``"dpmpp_2m"``, ``"karras:rho=5"``), optionally
+    stopped at ``stop`` (truncated sampling, arXiv 2606.13796; docs/methods/truncation.md).
 
     Raises:
         ValueError: unknown names (the message lists the valid ones), bad options or ``steps < 1``.
     """
-    return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress)
+    return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress,
+                   stop=stop, stop_return=stop_return)
 
 
 def schedule_for_model(schedule: "str | Spec", model: "str | LoadedModel | PipelineModel | None") -> "str | Spec":
@@ -118,7 +122,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
              class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
              num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
              final: str = "zero", progress: bool = False, prompt: str | None = None,
-             negative_prompt: str | None = None) -> GenerateResult:
+             negative_prompt: str | None = None, stop: float | None = None, stop_unit: str = "ou_time",
+             stop_return: str = "noisy") -> GenerateResult:
     """Sample ``num_samples`` images with per-sample seeds ``seed, seed + 1, ...``.
 
     The same seed gives the same sample whatever ``batch_size`` (noise is drawn per sample; up to
@@ -165,6 +170,12 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         final: ``"zero"`` (denoise to sigma = 0) or ``"last"``.
         prompt, negative_prompt: text for a text-to-image pipeline folder (SD, SDXL, SD3, FLUX,
             PixArt), sampled with the native loop (:mod:`diffsample.pipelines`).
+        stop, stop_unit, stop_return: end every run at noise level ``stop`` in ``stop_unit``
+            (``ou_time``, ``logsnr``, ``lambda``, ``sigma``, ``t_rf``, ``native``) and return
+            ``stop_return`` (``noisy`` x_stop, ``denoised`` with one extra model evaluation,
+            ``rescaled`` x_stop / alpha, ``ou``); truncated sampling, arXiv 2606.13796
+            (:class:`~diffsample.solvers.stop_time.StopTime`). Recorded as ``record["stop"]``. A
+            pipeline decodes the returned latent.
 
     Raises:
         ValueError: any bad argument (unknown names list the valid choices); an estimated model
@@ -178,11 +189,12 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     schedule = schedule_for_model(schedule, model)  # csflow without spectrum=: the bundled model's spectrum
     guidance = check_specs("guidance", guidance)
     cfg_scale = check_scale("cfg_scale", cfg_scale)
+    stop, stop_return = stop_options(stop, stop_unit, stop_return)
     class_label, classes = check_label("class_label", class_label), check_classes(classes)
     prompt, negative_prompt = check_text("prompt", prompt), check_text("negative_prompt", negative_prompt)
     if not isinstance(model, (LoadedModel, PipelineModel)):
         check_device(device)
-    sampler = build_sampler(solver, schedule, steps, final=final, progress=progress)
+    sampler = build_sampler(solver, schedule, steps, final=final, progress=progress, stop=stop, stop_return=stop_return)
     loaded = model if isinstance(model, (LoadedModel, PipelineModel)) else load_model(model, device=device,
                                                                                         dtype=DTYPES[dtype])
     check_memory(num_samples, result_bytes_per_sample(loaded))
@@ -195,7 +207,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         result = generate_from_pipeline(loaded, prompt=prompt, negative_prompt=negative_prompt, solver=solver,
                                         schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
                                         seed=seed, num_samples=num_samples, batch_size=batch_size, final=final,
-                                        dtype=dtype)
+                                        dtype=dtype, stop=stop, stop_return=stop_return)
         result.record.setdefault("batch_coupled", batch_coupled(SOLVERS.create(result.record["solver"])))
         return result
     for flag, text in (("--prompt", prompt), ("--negative-prompt", negative_prompt)):
@@ -210,10 +222,12 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     notes += [line for line in (getattr(sampler.step_schedule, "note", None),) if line]  # e.g. csflow's default spectrum
     if note is not None:
         warnings.warn(note, SolverSwitched, stacklevel=2)
-        sampler = build_sampler(str(solver_spec), schedule, steps, final=final, progress=progress)
+        sampler = build_sampler(str(solver_spec), schedule, steps, final=final, progress=progress, stop=stop,
+                                stop_return=stop_return)
         terms = guidance_terms(loaded, guidance, sampler)
         guided = apply_guidance(loaded, terms, cfg_scale, names)
     collect_hooks(guided).check(sampler.solver)  # hook combinations the loop cannot honour, before any sampling
+    sampler.grid(loaded.denoiser.noise_schedule)  # a stop outside the model's grid fails here, before sampling
     if classes is not None:
         labels = torch.as_tensor(classes, dtype=torch.long)
         if labels.numel() != num_samples:
@@ -245,6 +259,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         "device": str(loaded.device), "dtype": dtype, "num_samples": num_samples, "batch_size": batch_size,
         "batch_coupled": batch_coupled(sampler.solver, terms, collect_hooks(guided)),
         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "notes": notes,
+        "stop": stop_record(stop, stop_return, loaded.denoiser.noise_schedule),
     }
     record.update(reported)  # e.g. "model_marginal" from Jeffrey guidance
     return GenerateResult(images=loaded.to_images(samples), samples=samples, record=record)

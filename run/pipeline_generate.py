@@ -13,6 +13,7 @@ import torch
 from diffsample.core.spec import Spec
 from diffsample.run.record import GenerateResult, versions
 from diffsample.samplers.seeds import seeded_run
+from diffsample.solvers.stop_time import stop_record
 
 from diffsample.pipelines.native_loop import sample_pipeline
 
@@ -21,7 +22,8 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
                            solver: str = "dpmpp_2m", schedule: str | None = None, steps: int = 20,
                            guidance: Sequence[str] = (), cfg_scale: float | None = None, seed: int = 0,
                            num_samples: int = 4, batch_size: int = 4, final: str = "zero", dtype: str = "fp32",
-                           height: int | None = None, width: int | None = None) -> Any:
+                           height: int | None = None, width: int | None = None, stop: Any = None,
+                           stop_return: str = "noisy") -> Any:
     """Sample ``num_samples`` images of ``prompt`` from a loaded pipeline model
     (:class:`~diffsample.run.models.PipelineModel`), seeds ``seed, seed + 1, ...`` (the same
     seed gives the same image whatever ``batch_size``).
@@ -30,6 +32,9 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
         ValueError: a text-to-image pipeline without ``prompt``, a prompt for an unconditional
             pipeline, ``final="last"`` (pipelines denoise to zero), or bad solver / schedule /
             guidance names.
+
+    ``stop`` (a :class:`~diffsample.solvers.stop_time.StopTime`) cuts the pipeline's grid there and
+    decodes the latent ``stop_return`` names (``record["stop"]``; docs/methods/truncation.md).
     """
     den = model.denoiser
     if den.text_conditioned and prompt is None:
@@ -49,7 +54,7 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
         negatives = [negative_prompt] * len(batch_seeds) if negative_prompt is not None else None
         out = sample_pipeline(den.pipe, prompts, negatives, solver=solver, schedule=schedule, steps=steps,
                               cfg_scale=cfg_scale, guidance=guidance, num_images_per_prompt=1 if prompts else len(batch_seeds),
-                              height=height, width=width, denoiser=den, **run)
+                              height=height, width=width, denoiser=den, stop=stop, stop_return=stop_return, **run)
         images.append(out.images)
         latents.append(out.latents.float().cpu())
         nfe, model_evals, applied_cfg = out.result.nfe, out.result.model_evals, out.cfg_scale
@@ -65,5 +70,6 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
         "wall_time_s": round(time.perf_counter() - start, 4), "device": str(den.device), "dtype": dtype,
         "num_samples": num_samples, "batch_size": batch_size, "versions": versions(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "notes": notes,
+        "stop": stop_record(stop, stop_return, den.noise_schedule),
     }
     return GenerateResult(images=torch.cat(images), samples=torch.cat(latents), record=record)

@@ -84,6 +84,8 @@ class StopTime:
         if unit not in STOP_UNITS:
             raise ValueError(f"stop unit must be one of {', '.join(STOP_UNITS)}; got {self.unit!r}")
         try:
+            if isinstance(self.value, bool):
+                raise TypeError
             value = float(self.value)
         except (TypeError, ValueError):
             raise ValueError(f"stop must be a number, got {self.value!r}") from None
@@ -118,7 +120,31 @@ class StopTime:
         return float(noise_schedule.t_from_sigma_ve(torch.tensor(s, dtype=torch.float64)))
 
     def __str__(self) -> str:
-        return f"{self.value:g} ({self.unit})"
+        return f"{self.value:g} {self.unit}"
+
+
+def stop_options(value: float | None, unit: str = "ou_time", mode: str = "noisy") -> tuple[StopTime | None, str]:
+    """``(StopTime or None, return mode)`` from the user-facing options ``stop`` / ``stop_unit`` /
+    ``stop_return`` (``generate()``, ``--stop`` / ``--stop-unit`` / ``--stop-return``); the unit and
+    mode are checked even without a stop.
+
+    Raises:
+        ValueError: as :class:`StopTime` and :func:`check_stop_return` (one line naming the option).
+    """
+    if STOP_UNIT_ALIASES.get(unit, unit) not in STOP_UNITS:
+        raise ValueError(f"stop_unit must be one of {', '.join(STOP_UNITS)}; got {unit!r}")
+    check_stop_return(mode)
+    return (None if value is None else StopTime(value, unit)), mode
+
+
+def stop_record(stop: StopTime | None, mode: str, noise_schedule: NoiseSchedule) -> dict | None:
+    """What a run record says about a stop: value, unit, return mode, and the stop as
+    ``sigma / alpha``, OU time and native time of ``noise_schedule``; ``None`` without a stop."""
+    if stop is None:
+        return None
+    s = stop.sigma_ve(noise_schedule)
+    return {"value": stop.value, "unit": stop.unit, "return": mode, "sigma_ve": s,
+            "ou_time": sigma_ve_to(s, "ou_time"), "native": sigma_ve_to(s, "native", noise_schedule)}
 
 
 def sigma_ve_from(value: float, unit: str, noise_schedule: NoiseSchedule | None = None) -> float:
@@ -189,8 +215,8 @@ def stop_grid(noise_schedule: NoiseSchedule, step_schedule, steps: int, stop: St
     (Karras, exponential and time-uniform grids end there); the last point is then set to the stop
     time exactly. A schedule that ignores ``t_min`` (diffusers' integer timestep spacings on a
     discrete VP model) is mapped affinely in time so that its first point stays and its last point
-    moves to the stop (the spacing's shape is kept); a fixed schedule keeps its points, which must lie above the stop, and its last point becomes the
-    stop. A stop at ``s = 0`` gives the usual grid that denoises to zero (``steps`` schedule points
+    moves to the stop (the spacing's shape is kept). A fixed schedule (a pipeline's own grid) is cut
+    at the stop: its points above the stop are kept, the stop is appended, and ``steps`` is ignored. A stop at ``s = 0`` gives the usual grid that denoises to zero (``steps`` schedule points
     plus ``sigma = 0``).
 
     Args:
@@ -200,19 +226,21 @@ def stop_grid(noise_schedule: NoiseSchedule, step_schedule, steps: int, stop: St
         stop: where to stop.
 
     Returns:
-        A :class:`~diffsample.solvers.solver.Grid` with ``steps + 1`` points, the last at ``stop``.
+        A :class:`~diffsample.solvers.solver.Grid` with ``steps + 1`` points (a fixed schedule: its
+        points above the stop, plus one), the last at ``stop``.
 
     Raises:
         ValueError: the stop is not below the first grid point, lies below the model's smallest
-            noise level (``t_min``), or a fixed schedule has points below it.
+            noise level (``t_min``).
     """
     from diffsample.solvers.step_schedules import Fixed
 
     ns = noise_schedule
     s = stop.sigma_ve(ns)
+    fixed_t = torch.tensor(step_schedule.t, dtype=torch.float64) if isinstance(step_schedule, Fixed) else None
     if s == 0:
         return Grid.from_t(ns, step_schedule(ns, steps), final_zero=True)
-    first = float(step_schedule(ns, steps + 1)[0])
+    first = float(step_schedule(ns, steps + 1)[0]) if fixed_t is None else float(fixed_t[0])
     s_first = float(ns.sigma_ve(torch.tensor(first, dtype=torch.float64)))  # inf where alpha = 0
     if not s < s_first:
         raise ValueError(f"stop {stop} (sigma/alpha = {s:.6g}) must lie below the first grid point "
@@ -222,10 +250,9 @@ def stop_grid(noise_schedule: NoiseSchedule, step_schedule, steps: int, stop: St
         raise ValueError(f"stop {stop} (sigma/alpha = {s:.6g}) is below the model's smallest noise level "
                          f"(sigma/alpha = {s_lo:.6g} at t_min = {ns.t_min:g}); use a larger stop")
     t_stop = min(max(stop.t(ns), ns.t_min), ns.t_max)
-    if isinstance(step_schedule, Fixed):
-        t = step_schedule(ns, steps + 1).clone()
-        if not (t[:-1] > t_stop).all():
-            raise ValueError(f"stop {stop} lies above a point of the fixed schedule {list(step_schedule.t)}")
+    if fixed_t is not None:  # a given grid (a pipeline's own) is cut at the stop
+        lam_stop = float(ns.lambda_(torch.tensor(t_stop, dtype=torch.float64)))
+        t = torch.cat([fixed_t[ns.lambda_(fixed_t) < lam_stop - 1e-9], fixed_t.new_tensor([t_stop])])
     else:
         truncated = copy.copy(ns)
         truncated.t_min = t_stop

@@ -63,13 +63,16 @@ def test_schedules_that_include_their_ends_spread_their_points_down_to_the_stop(
     assert s == pytest.approx(expected, rel=1e-9)
 
 
-def test_fixed_schedule_keeps_its_points_and_refuses_points_below_the_stop():
+def test_fixed_schedule_is_cut_at_the_stop():
     ns = LinearVP()
-    grid = stop_grid(ns, fixed([1.0, 0.7, 0.5, 0.2]), 3, StopTime(0.1, "ou_time"))
-    assert grid.t_list[:3] == (1.0, 0.7, 0.5) and grid.sigma_list[-1] / grid.alpha_list[-1] == pytest.approx(
-        math.sqrt(math.expm1(0.1)))
-    with pytest.raises(ValueError, match="fixed schedule"):
-        stop_grid(ns, fixed([1.0, 0.7, 0.05, 0.01]), 3, StopTime(0.3, "ou_time"))
+    stop = StopTime(0.1, "ou_time")
+    t_stop = stop.t(ns)
+    assert 0.05 < t_stop < 0.2
+    grid = stop_grid(ns, fixed([1.0, 0.7, 0.5, 0.2, 0.05, 0.01]), 6, stop)
+    assert grid.t_list == pytest.approx((1.0, 0.7, 0.5, 0.2, t_stop), abs=1e-12)
+    assert grid.sigma_list[-1] / grid.alpha_list[-1] == pytest.approx(math.sqrt(math.expm1(0.1)))
+    with pytest.raises(ValueError, match="below the first grid point"):
+        stop_grid(ns, fixed([0.05, 0.01]), 2, stop)
 
 
 @pytest.mark.parametrize("name", SOLVERS.names())
