@@ -150,7 +150,7 @@ SOLVERS.add("stein_lookahead", _stein_lookahead, "experimental HYPOTHESIS for St
             meanings={"base": "wrapped deterministic solver: dpmpp_2m, dpmpp_3m, euler or heun",
                       "gamma_min": "lower clip of gamma (None: unbounded)",
                       "gamma_max": "upper clip of gamma (None: unbounded)",
-                      "apply_steps": "re-corrected steps: all or k (the first k)",
+                      "apply_steps": "re-corrected steps: all, all_but_last or k (the first k)",
                       "transport": "serve the look-ahead output moved to the corrected state to first order "
                                    "(true) or as evaluated (false)"})
 

@@ -126,7 +126,8 @@ class SteinDiff:
 
     Defaults (chosen from ``benchmarks/stein_study.py``, see ``benchmarks/results/stein_*.md``):
     ``coupling="transition"``, ``apply_steps=1`` (first step only), ``gamma`` in ``[0.5, 2]``,
-    native space, batch statistics, 5 Gaussian VJP probes. The paper's literal algorithm is
+    native space, batch statistics, 5 Gaussian VJP probes: diffsample's own variant (registered as
+    ``stein_dpm`` / ``stein_unipc``). The paper's literal algorithm (registered as ``stein_paper``) is
     ``coupling="marginal", apply_steps="all", gamma_min=0.0, gamma_max=None``; with exact GMM scores
     it diverges (the corrected state leaves the noise level the formula assumes, ``||u||`` shrinks
     and gamma explodes), and on the MNIST model it destroys samples. On VP models the native first-step

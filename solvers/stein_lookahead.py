@@ -66,8 +66,11 @@ class SteinLookahead:
     * ``gamma_min`` / ``gamma_max``: clip of ``gamma`` (``None``: unbounded); a non-finite
       ``gamma`` falls back to 1 (event ``stein_fallback``, ``fallback=True`` in
       :func:`~diffsample.solvers.stein.stein_trace`).
-    * ``apply_steps``: ``"all"`` or an int ``k`` (the outputs of the first ``k`` steps). The
-      output of the last step is never re-corrected (no evaluation follows it; none at sigma = 0).
+    * ``apply_steps``: ``"all"``, ``"all_but_last"`` (not the output of the second-to-last step,
+      i.e. not the last point the model is evaluated at, which on a grid to sigma = 0 is the
+      smallest sigma, where the condition ``d sigma^2`` is tiny and dominated by model error) or
+      an int ``k`` (the outputs of the first ``k`` steps). The output of the last step is never
+      re-corrected (no evaluation follows it; none at sigma = 0).
     * ``transport``: serve ``m~ + delta J u`` (True) or ``m~`` as evaluated at ``x~`` (False, as
       EVODiff and UniPC reuse their look-ahead evaluation).
 
@@ -93,7 +96,7 @@ class SteinLookahead:
     base: Solver
     gamma_min: float | None = 0.5
     gamma_max: float | None = 2.0
-    apply_steps: Literal["all"] | int = "all"
+    apply_steps: Literal["all", "all_but_last"] | int = "all"
     transport: bool = True
 
     def __post_init__(self) -> None:
@@ -103,8 +106,8 @@ class SteinLookahead:
             raise ValueError("base must not be UniPC (its corrector recomputes the state and undoes the "
                              "re-correction); use dpmpp_2m, dpmpp_3m, euler or heun")
         a = self.apply_steps
-        if not (a == "all" or (isinstance(a, int) and not isinstance(a, bool) and a >= 0)):
-            raise ValueError(f"apply_steps must be 'all' or an int k >= 0; got {a!r}")
+        if not (a in ("all", "all_but_last") or (isinstance(a, int) and not isinstance(a, bool) and a >= 0)):
+            raise ValueError(f"apply_steps must be 'all', 'all_but_last' or an int k >= 0; got {a!r}")
         if self.gamma_min is not None and self.gamma_max is not None and self.gamma_min > self.gamma_max:
             raise ValueError(f"gamma_min must be <= gamma_max, got {self.gamma_min} > {self.gamma_max}")
 
@@ -125,7 +128,11 @@ class SteinLookahead:
         """Whether the output of step ``i`` is re-corrected (a look-ahead evaluation follows it)."""
         if i + 1 >= grid.steps:
             return False
-        return self.apply_steps == "all" or i < self.apply_steps
+        if self.apply_steps == "all":
+            return True
+        if self.apply_steps == "all_but_last":
+            return i + 2 < grid.steps
+        return i < self.apply_steps
 
     def init(self, x: Tensor, grid: Grid) -> LookaheadState:
         return LookaheadState(self.base.init(x, grid))
