@@ -24,8 +24,11 @@ The fine grid is uniform in ``u`` (``base="flow"``, the paper's code: for a rect
 ``x_t = (1 - t) x0 + t eps``, ``t = 1 - u``) or uniform in the model's own time variable
 (``base="model"``: diffusers timesteps for a discrete VP model, whose default spacing is then the
 time-uniform one). ``r`` depends on the noise level only, so both bases use the same physics; they
-differ in the default spacing and in the measure the weights are masses of. On a model whose
-noisiest time has ``alpha > 0`` the grid starts there (``u = alpha / (alpha + sigma)`` at ``t_max``).
+differ in the default spacing and in the measure the weights are masses of. The grid starts at the
+noisiest time with a finite log-SNR, ``t_max_finite`` (``t_max``, except on a rectified flow that
+reaches pure noise: there ``1 - 1e-3`` by default, where the paper's code starts at pure noise), so
+that every solver, Heun's VE-coordinate step included, can take the first step; the fine grid runs
+from ``u = alpha / (alpha + sigma)`` there to 1.
 Times map back to the model through the VE sigma ``s = (1 - u) / u`` (``t_from_sigma_ve``).
 """
 
@@ -161,7 +164,7 @@ class CSFlow:
     """CSFlow step schedule (arXiv 2606.08833; method in the module docstring).
 
     ``csflow(noise_schedule, n)`` returns ``n`` times, noisiest first, in the noise schedule's own
-    time unit (shape ``(n,)``, float64, strictly decreasing, in ``[t_min, t_max]``): the first ``n``
+    time unit (shape ``(n,)``, float64, strictly decreasing, in ``[t_min, t_max_finite]``): the first ``n``
     of the ``n + 1`` boundaries of ``n`` equal-mass steps from the noisiest time to the clean end
     (the clean end itself is the sampler's ``sigma = 0`` point), like ``trailing``. Points past the
     model's cleanest time ``t_min`` (large ``n`` on a short range) are spread evenly up to it.
@@ -241,14 +244,14 @@ class CSFlow:
 
     def fine_grid(self, ns: NoiseSchedule, m: int = FINE_INTERVALS) -> tuple[np.ndarray, np.ndarray]:
         """The ``m + 1`` fine-grid nodes from the noisiest time to the clean end: ``(u, t)``, ``u``
-        increasing from ``u(t_max)`` to 1 and ``t`` the model times (``t[-1] = t_zero``, the clean end)."""
+        increasing from ``u(t_max_finite)`` to 1 and ``t`` the model times (``t[-1] = t_zero``, the clean end)."""
         if self.base == "flow":
-            u_lo = _u_of_t(ns, torch.tensor([ns.t_max], dtype=torch.float64))[0]
+            u_lo = _u_of_t(ns, torch.tensor([ns.t_max_finite], dtype=torch.float64))[0]
             u = u_lo + (1.0 - u_lo) * np.linspace(0.0, 1.0, m + 1)
             u[-1] = 1.0
             t = _t_of_u(ns, u)
         else:
-            t = np.linspace(ns.t_max, ns.t_zero, m + 1)
+            t = np.linspace(ns.t_max_finite, ns.t_zero, m + 1)
             u = _u_of_t(ns, torch.as_tensor(t))
             u[-1] = 1.0
         return u, t
@@ -270,7 +273,7 @@ class CSFlow:
             u_hi = float(_u_of_t(ns, torch.tensor([ns.t_min], dtype=torch.float64))[0])
             v_hi = (u_hi - u_nodes[0]) / (1.0 - u_nodes[0])
         else:
-            v_hi = (ns.t_max - ns.t_min) / (ns.t_max - ns.t_zero)
+            v_hi = (ns.t_max_finite - ns.t_min) / (ns.t_max_finite - ns.t_zero)
         beyond = v >= v_hi
         if beyond.any():
             k = int(np.argmax(beyond))  # k >= 1: v[0] = 0 < v_hi
@@ -278,9 +281,9 @@ class CSFlow:
         if self.base == "flow":  # piecewise linear in u on the fine grid, then the model's time
             t = _t_of_u(ns, u_nodes[0] + (1.0 - u_nodes[0]) * v)
         else:
-            t = ns.t_max - (ns.t_max - ns.t_zero) * v
-        t = torch.as_tensor(t, dtype=torch.float64).clamp(ns.t_min, ns.t_max)
-        t[0] = ns.t_max
+            t = ns.t_max_finite - (ns.t_max_finite - ns.t_zero) * v
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(ns.t_min, ns.t_max_finite)
+        t[0] = ns.t_max_finite
         return t
 
 
