@@ -81,3 +81,42 @@ def latent_spectrum(pipe_or_vae: Any, images: Tensor, name: str = "", batch_size
     info = {"vae_scaling_factor": float(vae.config.scaling_factor),
             "vae_shift_factor": float(getattr(vae.config, "shift_factor", None) or 0.0), **provenance}
     return spectrum_from_images(latents, name=name, channels="mean", latent_factor=vae_factor(vae), **info)
+
+
+def pipeline_spacing(pipe: Any, height: int | None = None, width: int | None = None) -> dict[str, Any]:
+    """The csflow options that make its default spacing the pipeline's own (arXiv 2606.08833 mixes the
+    CSF weights with the default grid in CDF space): a flow pipeline (SD3, FLUX) spaces its steps
+    uniformly in flow time warped by its shift -- ``{"base": "flow", "shift": s}`` with the scheduler's
+    ``shift``, or ``exp(mu)`` for ``height x width`` under dynamic shifting (FLUX); a discrete-VP
+    pipeline (SD, SDXL, PixArt) uniformly in the diffusers timestep -- ``{"base": "model"}``.
+
+    Raises:
+        ValueError: a pipeline diffsample has no adapter for.
+    """
+    import math
+
+    from diffsample.pipelines.pipeline_denoiser import PipelineDenoiser
+
+    den = PipelineDenoiser.from_pipeline(pipe)
+    if not den.process.flow:
+        return {"base": "model"}
+    noise = den.prepare_noise(1, torch.Generator().manual_seed(0), height, width)
+    mu = den.scheduler_kwargs(1, noise, height, width).get("mu")
+    shift = math.exp(mu) if mu is not None else float(pipe.scheduler.config.get("shift", 1.0))
+    return {"base": "flow", "shift": shift}
+
+
+def csflow_for_pipeline(pipe: Any, spectrum: str | None = None, height: int | None = None, width: int | None = None,
+                        **options: Any):
+    """A :class:`~diffsample.solvers.csflow.CSFlow` schedule for ``pipe``: its default spacing is the
+    pipeline's (:func:`pipeline_spacing`), ``spectrum`` a latent spectrum of this VAE (:func:`latent_spectrum`,
+    ``diffsample spectrum IMAGES --pipeline FOLDER``); ``options`` (``mix``, viewing geometry, or
+    ``shift`` / ``base`` to override) go to :class:`CSFlow`. Pass it as ``schedule=`` to
+    :func:`~diffsample.pipelines.sample_pipeline` or :func:`~diffsample.pipelines.attach.attach`.
+
+    Raises:
+        ValueError: as :func:`pipeline_spacing` and :class:`CSFlow`.
+    """
+    from diffsample.solvers.csflow import CSFlow
+
+    return CSFlow(**{**pipeline_spacing(pipe, height, width), "spectrum": spectrum, **options})

@@ -1,0 +1,354 @@
+#!/usr/bin/env python
+"""CSFlow step schedules (arXiv 2606.08833) against the built-in schedules: MNIST-FD vs NFE on the
+bundled model, and the Gaussian-random-field check of the method's premise.
+
+Phases (``--phase``):
+
+* ``grid`` -- every solver x schedule x NFE at the first seed set: solvers dpmpp_2m, unipc_bh2,
+  euler, heun; schedules trailing, leading, karras, lambda_uniform and csflow at mix 0.4 (default)
+  and 1.0 at the paper's 76.55 pixels per degree, plus (solvers of ``--geometry-solvers``) both at
+  16 pixels per degree -- a 16-pixel digit shown one degree wide; NFE 4, 5, 6, 8, 10, 20 (Heun: 3, 4, 5, 10 steps = NFE 5, 7, 9, 19; its last
+  step to sigma = 0 costs one evaluation). csflow runs with the bundled MNIST spectrum
+  (``generate`` fills it in for the bundled model).
+* ``seeds`` -- the further seed sets for csflow's default and, per solver, every built-in schedule
+  that was best at some NFE in ``grid``.
+* ``g3`` -- a stationary Gaussian random field on a 64 x 64 torus, ``P_d(f) = A (f + f0)^-2``, with the
+  exact (Wiener-filter) denoiser on the rectified flow: every mode evolves alone, so one run with unit
+  noise in every mode gives the generated spectrum exactly (``P_gen = gain^2``). Scored by the
+  CSF-weighted relative spectral error ``sum_f CSF(f) |P_gen - P_d| / P_d / sum_f CSF(f)`` for csflow
+  (the field's own spectrum) and the uniform grid at N = 4..10, Euler / Heun / DPM-Solver++(2M).
+* ``report`` -- ``csflow_mnist.json`` (every cell, command, versions, date), ``csflow_mnist.md`` (tables,
+  target check) and ``csflow_mnist.png`` (FD vs NFE per solver), plus ``csflow_g3.{json,md}``.
+
+Cells are appended to ``--work/cells.jsonl`` (re-running resumes). Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/csflow_mnist.py --phase all --num-samples 500 --out benchmarks/results
+
+This is a script, not a test: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOLVERS = ("dpmpp_2m", "unipc_bh2", "euler", "heun")
+BUILTIN = ("trailing", "leading", "karras", "lambda_uniform")
+CSFLOW = ("csflow", "csflow:mix=1")
+GEOMETRY = ("csflow:pixels_per_degree=16", "csflow:mix=1,pixels_per_degree=16")
+DEFAULT = "csflow"
+NFES = (4, 5, 6, 8, 10, 20)
+GEOMETRY_SOLVERS = ("dpmpp_2m",)
+SEED_SETS = (0, 100_000, 200_000)
+
+
+def steps_for(solver: str, args) -> list[int]:
+    """Steps of ``solver``'s cells: the NFE values (``--short-nfe`` for ``--short-solvers``); Heun (NFE
+    ``2 steps - 1``) gets ``(NFE + 1) // 2`` steps, duplicates dropped."""
+    nfes = args.short_nfe if solver in args.short_solvers else args.nfe
+    return sorted({(n + 1) // 2 for n in nfes}) if solver == "heun" else list(nfes)
+
+
+def read_cells(path: Path) -> dict[tuple, dict]:
+    cells = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                cells[(row["solver"], row["schedule"], row["steps"], row["seed"], row["num_samples"])] = row
+    return cells
+
+
+def run_cells(jobs, args, log=print) -> None:
+    from diffsample.run.generate import generate
+    from diffsample.run.models import load_model
+    from diffsample.testbed.mnist import class_accuracy, mnist_fd
+
+    path = args.work / "cells.jsonl"
+    args.work.mkdir(parents=True, exist_ok=True)
+    done = read_cells(path)
+    todo = [j for j in jobs if (*j, args.num_samples) not in done]
+    log(f"{len(todo)} cells to run ({len(jobs) - len(todo)} done)")
+    if not todo:
+        return
+    model = load_model("mnist")
+    with open(path, "a") as fh:
+        for solver, schedule, steps, seed in todo:
+            t0 = time.perf_counter()
+            res = generate(model, solver=solver, schedule=schedule, steps=steps, seed=seed,
+                           num_samples=args.num_samples, batch_size=args.batch_size)
+            x = res.samples.clamp(-1, 1)
+            row = {"solver": solver, "schedule": schedule, "steps": steps, "seed": seed,
+                   "num_samples": args.num_samples, "schedule_ran": res.record["schedule"], "nfe": res.record["nfe"],
+                   "mnist_fd": mnist_fd(x), "class_accuracy": class_accuracy(x, torch.as_tensor(res.record["classes"])),
+                   "wall_s": round(time.perf_counter() - t0, 2)}
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            log(f"{solver:>10s} {schedule:>38s} steps={steps:<3d} seed={seed:<6d} nfe={row['nfe']:<3d} "
+                f"FD={row['mnist_fd']:.3f} ({row['wall_s']:.0f} s)")
+
+
+def schedules_for(solver: str, args) -> tuple[str, ...]:
+    return (*BUILTIN, *CSFLOW, *(GEOMETRY if solver in args.geometry_solvers else ()))
+
+
+def grid_jobs(args):
+    return [(s, sch, n, args.seed_sets[0]) for s in args.solvers for sch in schedules_for(s, args)
+            for n in steps_for(s, args)]
+
+
+def best_builtins(cells, args) -> dict[str, set[str]]:
+    """Per solver: the built-in schedules that have the lowest FD at some NFE on the first seed set."""
+    out = {}
+    for s in args.solvers:
+        winners = set()
+        for n in steps_for(s, args):
+            vals = [(cells[k]["mnist_fd"], sch) for sch in BUILTIN
+                    if (k := (s, sch, n, args.seed_sets[0], args.num_samples)) in cells]
+            if vals:
+                winners.add(min(vals)[1])
+        out[s] = winners
+    return out
+
+
+def seed_jobs(args):
+    cells = read_cells(args.work / "cells.jsonl")
+    best = best_builtins(cells, args)
+    return [(s, sch, n, seed) for s in args.seed_solvers for sch in (DEFAULT, *sorted(best[s]))
+            for n in steps_for(s, args) for seed in args.seed_sets[1:]]
+
+
+# ---- G3: Gaussian random field -------------------------------------------------------------------------
+
+def g3(size: int = 64, amplitude: float = 1e-3, f0: float = 0.01, ns_list=range(4, 11),
+       solvers=("euler", "heun", "dpmpp_2m")) -> list[dict]:
+    """CSF-weighted spectral error of csflow vs the uniform grid on an exact Gaussian field (module docstring)."""
+    import tempfile
+
+    from diffsample.samplers import Sampler
+    from diffsample.solvers import SOLVERS, STEP_SCHEDULES, RectifiedFlow
+    from diffsample.solvers.csflow import barten_csf, pixels_per_degree
+    from diffsample.solvers.spectrum import Spectrum, radial_bins, save_spectrum
+
+    index, centres = radial_bins(size, size)
+    fy, fx = np.fft.fftfreq(size), np.fft.fftfreq(size)
+    radius = np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    power = amplitude * (radius + f0) ** -2.0  # per-mode P_d; E|FFT|^2 / (H W) of the field
+    counts = np.bincount(index.ravel(), minlength=centres.size)
+    ring = lambda a: np.bincount(index.ravel(), weights=a.ravel(), minlength=centres.size) / counts  # noqa: E731
+    p_ring = ring(power)
+    tmp = Path(tempfile.mkdtemp()) / "field.json"
+    save_spectrum(Spectrum(centres, p_ring, np.ones_like(p_ring), name="field"), tmp)
+    csf = barten_csf(centres * pixels_per_degree())
+    flat = torch.as_tensor(power.ravel())
+
+    ns = RectifiedFlow(t_min=1e-3, t_max=1.0)
+
+    class Wiener:
+        noise_schedule = ns
+
+        def __call__(self, x, t, cond=None):
+            a, s = ns.alpha(t[:1]).item(), ns.sigma(t[:1]).item()
+            return x * (a * flat / (a * a * flat + s * s))
+
+    rows = []
+    for solver in solvers:
+        for sched_name, spec in (("uniform", f"csflow:mix=0,spectrum={tmp}"), ("csflow", f"csflow:spectrum={tmp}"),
+                                 ("csflow:mix=1", f"csflow:mix=1,spectrum={tmp}")):
+            for n in ns_list:
+                steps = n
+                out = Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(spec), steps)(
+                    Wiener(), torch.ones(1, size * size, dtype=torch.float64))
+                gain2 = out.x[0].numpy().reshape(size, size) ** 2  # unit noise in every mode
+                rel = np.abs(ring(gain2) - p_ring) / p_ring
+                rows.append({"solver": solver, "schedule": sched_name, "steps": steps, "nfe": out.nfe,
+                             "csf_error": float((csf * rel).sum() / csf.sum()),
+                             "low_freq_error": float(rel[: centres.size // 4].mean()),
+                             "high_freq_error": float(rel[centres.size // 2:].mean())})
+    return rows
+
+
+# ---- report --------------------------------------------------------------------------------------------
+
+def summarise(cells, args):
+    """(solver, schedule, steps) -> {"nfe", "mean", "values"} over the seed sets present."""
+    groups: dict[tuple, dict] = {}
+    for (s, sch, n, seed, N), row in cells.items():
+        if N != args.num_samples:
+            continue
+        g = groups.setdefault((s, sch, n), {"nfe": row["nfe"], "values": {}})
+        g["values"][seed] = row["mnist_fd"]
+    for g in groups.values():
+        g["mean"] = statistics.fmean(g["values"].values())
+    return groups
+
+
+def target_check(groups, args) -> list[dict]:
+    """Per solver and NFE: csflow's default vs the best built-in (picked on the first seed set,
+    compared on the seed sets both have)."""
+    rows = []
+    s0 = args.seed_sets[0]
+    for s in args.solvers:
+        for n in steps_for(s, args):
+            cs = groups.get((s, DEFAULT, n))
+            cands = [(groups[(s, b, n)]["values"][s0], b) for b in BUILTIN
+                     if (s, b, n) in groups and s0 in groups[(s, b, n)]["values"]]
+            if cs is None or not cands:
+                continue
+            best = min(cands)[1]
+            bg = groups[(s, best, n)]
+            seeds = sorted(set(cs["values"]) & set(bg["values"]))
+            c = statistics.fmean(cs["values"][k] for k in seeds)
+            b = statistics.fmean(bg["values"][k] for k in seeds)
+            rows.append({"solver": s, "steps": n, "nfe": cs["nfe"], "best_builtin": best, "seed_sets": len(seeds),
+                         "csflow_fd": c, "best_builtin_fd": b, "ratio": c / b})
+    return rows
+
+
+def fmt(g) -> str:
+    vals = list(g["values"].values())
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{g['mean']:.2f} ({min(vals):.2f}-{max(vals):.2f})"
+
+
+def report(args, meta) -> None:
+    cells = read_cells(args.work / "cells.jsonl")
+    groups = summarise(cells, args)
+    checks = target_check(groups, args)
+    schedules = (*BUILTIN, *CSFLOW, *GEOMETRY)
+    lines = [f"# CSFlow vs built-in step schedules on the bundled MNIST model\n",
+             f"```bash\n{meta['command']}\n```\n",
+             f"{meta['date']}; {meta['machine']}; torch {meta['torch']}. MNIST-FD of N = {args.num_samples} samples "
+             f"(classes balanced) against the 1,000 held-out digits; seed sets start at {list(args.seed_sets)} "
+             "(mean, min-max over the seed sets run; one value = first seed set only). csflow uses the bundled "
+             "MNIST spectrum; `pixels_per_degree=16`: the digit shown 1 degree wide (default 76.55: 0.2 degree).\n"]
+    for s in args.solvers:
+        nsteps = steps_for(s, args)
+        nfe_of = {n: next((groups[(s, sch, n)]["nfe"] for sch in schedules if (s, sch, n) in groups), "?") for n in nsteps}
+        lines.append(f"\n## {s}\n\n| schedule | " + " | ".join(f"NFE {nfe_of[n]}" for n in nsteps) + " |")
+        lines.append("|---|" + "---|" * len(nsteps))
+        for sch in schedules:
+            cells_txt = [fmt(groups[(s, sch, n)]) if (s, sch, n) in groups else "" for n in nsteps]
+            lines.append(f"| {sch} | " + " | ".join(cells_txt) + " |")
+    lines.append("\n## Target: csflow (default) vs the best built-in schedule\n")
+    lines.append("| solver | NFE | best built-in | seed sets | csflow FD | best built-in FD | ratio |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in checks:
+        lines.append(f"| {r['solver']} | {r['nfe']} | {r['best_builtin']} | {r['seed_sets']} | {r['csflow_fd']:.3f} | "
+                     f"{r['best_builtin_fd']:.3f} | {r['ratio']:.2f} |")
+    in_range = [r for r in checks if 5 <= r["nfe"] <= 20]
+    within = all(r["ratio"] <= 1.05 for r in in_range)
+    beats = {r["solver"] for r in in_range if r["nfe"] <= 8 and r["ratio"] < 1.0}
+    beats_all = [s for s in args.solvers if all(r["ratio"] < 1.0 for r in in_range
+                                                if r["solver"] == s and r["nfe"] <= 8)]
+    lines.append(f"\nWithin 1.05x of the best built-in at every NFE 5-20 for every solver: **{'yes' if within else 'no'}** "
+                 f"(worst ratio {max(r['ratio'] for r in in_range):.2f}). Beats it at every NFE 5-8 for: "
+                 f"{', '.join(beats_all) or 'none'} (target: two solvers); at some NFE 5-8 for: {', '.join(sorted(beats)) or 'none'}.\n")
+    (args.out / "csflow_mnist.md").write_text("\n".join(lines) + "\n")
+    (args.out / "csflow_mnist.json").write_text(json.dumps({**meta, "num_samples": args.num_samples,
+                                                            "seed_sets": list(args.seed_sets),
+                                                            "cells": list(cells.values()), "target": checks}, indent=1) + "\n")
+    plot(groups, args)
+    g3_path = args.work / "g3.json"
+    if g3_path.exists():
+        rows = json.loads(g3_path.read_text())
+        md = ["# CSFlow on an exact Gaussian random field (64 x 64 torus)\n", f"```bash\n{meta['command']}\n```\n",
+              "CSF-weighted relative spectral error of the generated field (exact: one run with unit noise in every "
+              "mode), rectified flow, exact Wiener-filter denoiser, P_d(f) = 1e-3 (f + 0.01)^-2, 76.55 pixels per "
+              "degree. Lower is better.\n",
+              "| solver | schedule | " + " | ".join(f"N={n}" for n in sorted({r['steps'] for r in rows})) + " |",
+              "|---|---|" + "---|" * len({r['steps'] for r in rows})]
+        for s in dict.fromkeys(r["solver"] for r in rows):
+            for sch in dict.fromkeys(r["schedule"] for r in rows):
+                vals = [r for r in rows if r["solver"] == s and r["schedule"] == sch]
+                md.append(f"| {s} | {sch} | " + " | ".join(f"{r['csf_error']:.4f}" for r in sorted(vals, key=lambda r: r['steps'])) + " |")
+        (args.out / "csflow_g3.md").write_text("\n".join(md) + "\n")
+        (args.out / "csflow_g3.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+
+
+def plot(groups, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.solvers), figsize=(5 * len(args.solvers), 4.2), squeeze=False)
+    for ax, s in zip(axes[0], args.solvers):
+        for sch in (*BUILTIN, *CSFLOW, *GEOMETRY):
+            pts = sorted((g["nfe"], g["mean"], min(g["values"].values()), max(g["values"].values()))
+                         for (ss, c, n), g in groups.items() if ss == s and c == sch)
+            if not pts:
+                continue
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            style = "-" if sch.startswith("csflow") else "--"
+            ax.errorbar(x, y, yerr=err, fmt=style, marker="o", ms=3, capsize=2, label=sch,
+                        lw=2.2 if sch == DEFAULT else 1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(s)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(f"MNIST-FD (N={args.num_samples})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out / "csflow_mnist.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--phase", choices=("grid", "seeds", "g3", "report", "all"), default="all")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--nfe", default=",".join(map(str, NFES)))
+    p.add_argument("--short-solvers", default="", help="solvers run at --short-nfe only")
+    p.add_argument("--short-nfe", default="5,8,20")
+    p.add_argument("--solvers", default=",".join(SOLVERS))
+    p.add_argument("--seed-sets", default=",".join(map(str, SEED_SETS)))
+    p.add_argument("--geometry-solvers", default=",".join(GEOMETRY_SOLVERS),
+                   help="solvers that also run the csflow variants at 16 pixels per degree")
+    p.add_argument("--seed-solvers", default=None, help="solvers of the seeds phase (default: all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("/tmp/csflow_mnist"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    args.nfe = [int(v) for v in args.nfe.split(",")]
+    args.short_nfe = [int(v) for v in args.short_nfe.split(",")]
+    args.short_solvers = args.short_solvers.split(",") if args.short_solvers else []
+    args.solvers = args.solvers.split(",")
+    args.seed_sets = [int(v) for v in args.seed_sets.split(",")]
+    args.geometry_solvers = args.geometry_solvers.split(",") if args.geometry_solvers else []
+    args.seed_solvers = args.seed_solvers.split(",") if args.seed_solvers else args.solvers
+    torch.set_num_threads(args.threads)
+    meta = {"command": "python " + shlex.join(["benchmarks/csflow_mnist.py", *(sys.argv[1:] if argv is None else argv)]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {args.threads} thread(s), shared 2-core CPU", "torch": torch.__version__}
+    if args.phase in ("grid", "all"):
+        run_cells(grid_jobs(args), args)
+    if args.phase in ("seeds", "all"):
+        run_cells(seed_jobs(args), args)
+    if args.phase in ("g3", "all"):
+        rows = g3()
+        args.work.mkdir(parents=True, exist_ok=True)
+        (args.work / "g3.json").write_text(json.dumps(rows))
+    if args.phase in ("report", "all"):
+        args.out.mkdir(parents=True, exist_ok=True)
+        report(args, meta)
+        print((args.out / "csflow_mnist.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
