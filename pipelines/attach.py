@@ -28,6 +28,7 @@ from diffsample.guidance.loop_hooks import term_hooks
 from diffsample.samplers.stochastic_variant import switch_for_noise_terms
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.solver import Solver
+from diffsample.solvers.stop_time import StopTime, check_stop_return
 
 from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture
 from diffsample.pipelines.resources import pipeline_resources
@@ -50,7 +51,8 @@ def find_denoisers(pipe: Any) -> dict[str, Any]:
 
 
 def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callable | None = None,
-           guidance: Sequence[Any] = (), *, seed: int = 0) -> DiffSampleScheduler:
+           guidance: Sequence[Any] = (), *, seed: int = 0, stop: StopTime | None = None,
+           stop_return: str = "noisy") -> DiffSampleScheduler:
     """Make ``pipe`` sample with a diffsample solver; returns the installed scheduler shim.
 
     Args:
@@ -67,6 +69,11 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
             deterministic solver spec with a stochastic variant switches it to ``eta=1`` with a
             :class:`~diffsample.samplers.stochastic_variant.SolverSwitched` warning.
         seed: seed of the noise stochastic solvers draw when the pipeline passes no generator.
+        stop, stop_return: truncated sampling (arXiv 2606.13796): the pipeline's grid is cut at
+            ``stop`` (a :class:`~diffsample.solvers.stop_time.StopTime`) and its last step returns
+            ``x_stop`` (``noisy``), ``x_stop / alpha`` (``rescaled``) or the VP-coordinates state
+            (``ou``), which the pipeline then decodes. ``denoised`` needs a network call at the stop
+            that the pipeline's loop does not make: use the native loop.
 
     ``pipe.scheduler.report()`` gives ``nfe`` and ``model_evals`` of the last run. The shim works
     in fp32 internally (an fp32 master copy of the latents) and returns ``model_output.dtype``.
@@ -79,6 +86,11 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
             guidance that re-evaluates the network while the network is not a hookable
             ``nn.Module`` (the message recommends the native loop). All before any sampling.
     """
+    if stop is not None and not isinstance(stop, StopTime):
+        raise ValueError(f"stop must be a StopTime or None, got {stop!r}")
+    if check_stop_return(stop_return) == "denoised" and stop is not None:
+        raise ValueError("stop_return='denoised' needs a network call at the stop, which the pipeline's loop does "
+                         "not make; " + NATIVE_LOOP_HINT)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise ValueError(f"{type(pipe).__name__} has no scheduler; attach expects a diffusers pipeline whose "
@@ -112,7 +124,8 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
                          f"inside step, but the call arguments of {', '.join(sorted(set(denoisers) - set(hookable)))} "
                          "cannot be captured (not a torch nn.Module); " + NATIVE_LOOP_HINT)
     shim.bind(solver=solver_obj, schedule=schedule_obj, guidance=terms, grid_source=scheduler,
-              capture=DenoiserCapture(hookable) if hookable else None, original=scheduler)
+              capture=DenoiserCapture(hookable) if hookable else None, original=scheduler, stop=stop,
+              stop_return=stop_return)
     pipe.scheduler = shim
     return shim
 

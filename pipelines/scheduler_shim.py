@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,8 @@ from diffsample.samplers.sampler import renoise
 from diffsample.solvers.transition import use_transition
 from diffsample.solvers.solver import Grid, Solver
 from diffsample.solvers.noise_schedules import DiscreteVP
+from diffsample.solvers.step_schedules import fixed
+from diffsample.solvers.stop_time import StopTime, stop_grid
 
 from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture, Replay, ReplayError
 from diffsample.samplers.denoisers import ModelDenoiser
@@ -262,6 +265,8 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         self._convert: ModelDenoiser | None = None
         self._current_output: Tensor | None = None
         self._input_rows = 0
+        self._stop: StopTime | None = None  # attach(stop=...): the grid is cut there
+        self._stop_return = "noisy"
         self._reset()
 
     # ---- config ---------------------------------------------------------------------------------
@@ -452,6 +457,11 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
             pg = grid_from_scheduler(self._base(), process, num_inference_steps, sigmas=sigmas,
                                      timesteps=timesteps, mu=mu)
+        if self._stop is not None:  # truncated sampling: the pipeline's grid is cut at the stop
+            cut = stop_grid(process.noise_schedule, fixed(pg.t.tolist()), pg.steps, self._stop)
+            k = cut.steps if not cut.final_zero else pg.steps
+            pg = PipelineGrid(t=pg.t[:k], t_final=None if cut.final_zero else cut.t_list[-1],
+                              timesteps=pg.timesteps[:k])
         self.pipeline_grid = pg
         self.grid = pg.grid(process.noise_schedule)
         self.num_inference_steps = pg.steps
@@ -521,12 +531,16 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
 
     # ---- binding to a pipeline (diffsample.attach) ----------------------------------------------------
     def bind(self, *, solver: Solver, schedule: Any, guidance: Sequence[Any], grid_source: Any,
-             capture: DenoiserCapture | None, original: Any) -> None:
+             capture: DenoiserCapture | None, original: Any, stop: StopTime | None = None,
+             stop_return: str = "noisy") -> None:
         """Bind the shim to a pipeline (what :func:`diffsample.attach` does): the solver and step
         schedule objects, the guidance terms applied to the pipeline's prediction inside ``step``, the
         scheduler whose grid ``schedule=None`` reproduces, the network-call capture for re-evaluation,
-        and the scheduler to restore on :meth:`unbind`."""
+        the scheduler to restore on :meth:`unbind`, and a stop (truncated sampling: the grid is cut
+        there and the last step returns ``x_stop``, or ``x_stop / alpha`` / the VP-coordinates state
+        for ``stop_return`` ``rescaled`` / ``ou``)."""
         self._solver_obj, self._schedule_obj, self._guidance = solver, schedule, tuple(guidance)
+        self._stop, self._stop_return = stop, stop_return
         self._chain = None
         self._grid_source, self._capture, self._original = grid_source, capture, original
 
@@ -615,6 +629,10 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         if capture is not None:
             capture.clear()
         self._x_master = x_next.detach()
+        if self._stop is not None and i + 1 == grid.steps and not grid.final_zero and self._stop_return != "noisy":
+            scale = grid.alpha_list[-1] if self._stop_return == "rescaled" else math.hypot(grid.alpha_list[-1],
+                                                                                            grid.sigma_list[-1])
+            x_next = x_next / scale
         prev = x_next.detach().to(model_output.dtype)
         self._returned = prev
         self._step_index = i + 1

@@ -126,3 +126,36 @@ def test_native_loop_cuts_the_pipeline_grid_at_the_stop():
     assert torch.allclose(runs["denoised"].latents.double(), expected, atol=1e-4)
     decoded = sample_pipeline(pipe, solver="dpmpp_2m", steps=20, generator=torch.Generator().manual_seed(0), stop=stop)
     assert decoded.images is not None and decoded.images.shape[0] == x.shape[0]
+
+
+@pytest.mark.parametrize("mode", ["noisy", "rescaled"])
+def test_attach_cuts_the_pipelines_own_loop_at_the_stop_like_the_native_loop(mode):
+    import numpy as np
+
+    from diffsample.pipelines.attach import attach, detach
+    from diffsample.pipelines.native_loop import sample_pipeline
+    from diffsample.testbed.tiny_pipelines import build
+
+    pipe = build("ddpm_gmm")
+    stop = StopTime(0.3)
+    native = sample_pipeline(pipe, solver="dpmpp_2m", steps=20, generator=torch.Generator().manual_seed(0), stop=stop,
+                             stop_return=mode)
+    full = pipe(num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np").images
+    shim = attach(pipe, "dpmpp_2m", stop=stop, stop_return=mode)
+    try:
+        out = pipe(num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np").images
+    finally:
+        detach(pipe)
+    expected = native.images.permute(0, 2, 3, 1).numpy()
+    assert 0.05 < expected.mean() < 0.95 and np.abs(expected - full).max() > 0.01  # truncation changed the output
+    assert np.abs(out - expected).max() < 1e-5
+    assert shim.report()["nfe"] == native.result.nfe < 20
+    assert shim.grid.sigma_list[-1] / shim.grid.alpha_list[-1] == pytest.approx(stop.sigma_ve())
+
+
+def test_attach_refuses_a_denoised_return():
+    from diffsample.pipelines.attach import attach
+    from diffsample.testbed.tiny_pipelines import build
+
+    with pytest.raises(ValueError, match="native loop"):
+        attach(build("ddpm_gmm"), "dpmpp_2m", stop=StopTime(0.3), stop_return="denoised")
