@@ -108,12 +108,20 @@ def grid_jobs(args):
             for n in steps_for(s, args)]
 
 
+def seed_steps(solver: str, args) -> list[int]:
+    """Steps of ``solver``'s seeds-phase cells: those of ``--seed-nfe`` (all when not given)."""
+    steps = steps_for(solver, args)
+    if args.seed_nfe is None:
+        return steps
+    return [n for n in steps if (2 * n - 1 if solver == "heun" else n) in args.seed_nfe]
+
+
 def best_builtins(cells, args) -> dict[str, set[str]]:
-    """Per solver: the built-in schedules that have the lowest FD at some NFE on the first seed set."""
+    """Per solver: the built-in schedules that have the lowest FD at some seeds-phase NFE on the first seed set."""
     out = {}
     for s in args.solvers:
         winners = set()
-        for n in steps_for(s, args):
+        for n in seed_steps(s, args):
             vals = [(cells[k]["mnist_fd"], sch) for sch in BUILTIN
                     if (k := (s, sch, n, args.seed_sets[0], args.num_samples)) in cells]
             if vals:
@@ -126,7 +134,7 @@ def seed_jobs(args):
     cells = read_cells(args.work / "cells.jsonl")
     best = best_builtins(cells, args)
     return [(s, sch, n, seed) for s in args.seed_solvers for sch in (DEFAULT, *sorted(best[s]))
-            for n in steps_for(s, args) for seed in args.seed_sets[1:]]
+            for n in seed_steps(s, args) for seed in args.seed_sets[1:]]
 
 
 # ---- G3: Gaussian random field -------------------------------------------------------------------------
@@ -321,6 +329,7 @@ def main(argv=None) -> None:
     p.add_argument("--geometry-solvers", default=",".join(GEOMETRY_SOLVERS),
                    help="solvers that also run the csflow variants at 16 pixels per degree")
     p.add_argument("--seed-solvers", default=None, help="solvers of the seeds phase (default: all)")
+    p.add_argument("--seed-nfe", default=None, help="NFE values of the seeds phase (default: all)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/csflow_mnist"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -332,6 +341,7 @@ def main(argv=None) -> None:
     args.seed_sets = [int(v) for v in args.seed_sets.split(",")]
     args.geometry_solvers = args.geometry_solvers.split(",") if args.geometry_solvers else []
     args.seed_solvers = args.seed_solvers.split(",") if args.seed_solvers else args.solvers
+    args.seed_nfe = [int(v) for v in args.seed_nfe.split(",")] if args.seed_nfe else None
     torch.set_num_threads(args.threads)
     meta = {"command": "python " + shlex.join(["benchmarks/csflow_mnist.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

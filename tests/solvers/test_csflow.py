@@ -304,6 +304,30 @@ def test_rapsd_luma_and_latent_channels():
     np.testing.assert_allclose(rapsd(four)[1], np.mean([rapsd(four[:, c])[1] for c in range(4)], axis=0), rtol=1e-12)
 
 
+def test_load_images_folder_and_npz(tmp_path):
+    from PIL import Image
+
+    from diffsample.solvers.spectrum import load_images
+
+    g = np.random.default_rng(0)
+    grey = (g.random((3, 18, 21)) * 255).astype(np.uint8)
+    for k, a in enumerate(grey):
+        Image.fromarray(a).save(tmp_path / f"{k}.png")
+    x = load_images(tmp_path, resolution=16)
+    assert x.shape == (3, 1, 16, 16)
+    np.testing.assert_allclose(x[:, 0].numpy(), grey[:, 1:17, 2:18] / 127.5 - 1, atol=1e-6)  # centre crop
+    assert load_images(tmp_path).shape == (3, 1, 18, 18)  # default: the smallest side
+    Image.fromarray((g.random((18, 21, 3)) * 255).astype(np.uint8)).save(tmp_path / "rgb.png")
+    assert load_images(tmp_path, max_images=4).shape == (4, 3, 18, 18)  # one RGB file: all read as RGB
+    np.savez(tmp_path / "a.npz", floats=g.random((5, 8, 8, 3)).astype(np.float32) * 2 - 1)
+    y = load_images(tmp_path / "a.npz")
+    assert y.shape == (5, 3, 8, 8) and y.min() >= -1 and y.max() <= 1
+    with pytest.raises(ValueError, match="resolution 40"):
+        load_images(tmp_path, resolution=40)
+    with pytest.raises(ValueError, match="no array 'x'"):
+        load_images(tmp_path / "a.npz", key="x")
+
+
 def test_bundled_mnist_spectrum_is_the_heldout_digits():
     from diffsample.testbed.mnist import load_digits
 
