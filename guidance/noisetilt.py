@@ -155,6 +155,10 @@ class NoiseTiltDenoiser(GuidedDenoiser):
         if g.shape != mean.shape:
             raise RuntimeError(f"noisetilt: gradient of shape {tuple(g.shape)} for a step of shape {tuple(mean.shape)}; "
                                "the solver must evaluate the denoiser at the current state before drawing noise")
+        finite = torch.isfinite(g.flatten(1)).all(1)
+        if not bool(finite.all()):
+            raise ValueError(f"noisetilt: the reward gradient is not finite at step {i} (sigma={grid.sigma_list[i]:.6g}) "
+                             f"for samples {(~finite).nonzero().flatten().tolist()}")
         w = whiten(g, tile=self.term.tile, alpha=self.term.whiten_alpha)
         rho, cos = self.rho(w, g, std, grid, i)
         self.trace.append(TiltRecord(i, rho, cos, reward))

@@ -296,3 +296,20 @@ def test_sweep_writes_results_md_when_a_cell_fails(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 1  # the finished cell is kept
     assert "| euler / karras |" in (out / "results.md").read_text() and (out / "fd_vs_nfe.png").stat().st_size
     assert sorted(p.name for p in out.iterdir()) == ["fd_vs_nfe.png", "results.jsonl", "results.md"]
+
+
+def test_non_finite_reward_gradient_names_step_and_sigma():
+    """A reward whose value is finite but whose gradient is NaN (sqrt at 0) is refused at the first
+    stochastic step, naming it and its sigma (not only the whitening's row)."""
+    from diffsample.guidance import GUIDANCE
+    from diffsample.guidance.composition import compose
+    from diffsample.run.generate import build_sampler
+    from diffsample.run.models import load_model
+    from diffsample.samplers.seeds import seeded_run
+
+    model = load_model()
+    reward = lambda x0: (x0.abs() * 0).sqrt().flatten(1).sum(1)  # noqa: E731
+    guided = compose(model.denoiser, [GUIDANCE.create("noisetilt", reward=reward, resources=model.resources)])
+    sampler = build_sampler("euler_ancestral", "karras", 3)
+    with pytest.raises(ValueError, match=r"reward gradient is not finite at step 0 \(sigma=0\.99998\) for samples \[0, 1\]"):
+        sampler(guided, cond=model.cond(torch.tensor([1, 2])), **seeded_run([0, 1], model.sample_shape))
