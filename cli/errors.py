@@ -92,6 +92,10 @@ class DiffsampleGroup(click.Group):
 
 def report(exc: BaseException, debug: bool) -> int:
     """Print ``exc`` as one line on stderr (the traceback first with ``debug``); return the exit code."""
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    if no_args_help and isinstance(exc, no_args_help):  # bare ``diffsample``: the help, as click prints it
+        exc.show()
+        return exc.exit_code
     if debug and not isinstance(exc, click.ClickException):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     if is_user_error(exc):

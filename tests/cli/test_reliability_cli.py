@@ -100,6 +100,13 @@ def test_unexpected_error_is_exit_1_one_line_and_traceback_only_with_debug(tmp_p
     assert not (tmp_path / "o").exists()
 
 
+def test_bare_command_prints_the_help_and_help_and_version_exit_0():
+    bare = run()
+    assert bare.exit_code == 2 and "Usage:" in bare.output and "Commands:" in bare.output
+    assert run("--help").exit_code == 0 and run("--version").exit_code == 0
+    assert run("sweep", "--help").exit_code == 0
+
+
 def test_project_error_types_and_usage_errors_are_user_mistakes():
     from diffsample.cli.errors import is_user_error, one_line
     from diffsample.samplers.sampler import NonFiniteError
