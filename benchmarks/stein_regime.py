@@ -232,17 +232,20 @@ def report(payload) -> str:
                             continue
                         seeds = sorted(rs)
                         val = mean([rs[x][m] for x in seeds])
-                        p = mean([plain[x][m] for x in seeds if x in plain]) if all(x in plain for x in seeds) else None
+                        p = mean([plain[x][m] for x in seeds]) if all(x in plain for x in seeds) else None
                         ratios = [rs[x][m] / plain[x][m] for x in seeds if x in plain and math.isfinite(rs[x][m])]
                         ratio = "—" if val is None or p is None else f"{sum(ratios) / len(ratios):.2f}" + (
                             f" [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else "")
                         ev = rs[seeds[0]]["model_evals"]
-                        eq_steps = next((j for j in range(1, 400) if (tb, n, s, b, j, "plain") in index
-                                         and next(iter(index[(tb, n, s, b, j, "plain")].values()))["model_evals"] >= ev - 1e-9), None)
+                        # every grid here ends at sigma = 0: Heun makes 2 steps - 1 calls, the others 1 per step
+                        eq_steps = math.ceil((ev + 1) / 2 - 1e-9) if b == "heun" else math.ceil(ev - 1e-9)
                         eq_rows = index.get((tb, n, s, b, eq_steps, "plain"), {})
-                        eq = mean([eq_rows[x][m] for x in seeds if x in eq_rows]) if eq_steps else None
-                        eq_txt = f"{f(eq)} ({eq_steps})" if eq_rows else "—"
-                        lines.append(f"| {s} | {b} | {k} | {rs[seeds[0]]['nfe']} | {LABELS[v]} | {ev:.0f} | {f(p)} | "
+                        eq_seeds = [x for x in seeds if x in eq_rows]
+                        eq = mean([eq_rows[x][m] for x in eq_seeds])
+                        eq_txt = "—" if not eq_seeds else f"{f(eq)} ({eq_steps})" + (
+                            "" if eq_seeds == seeds else f" seeds {','.join(map(str, eq_seeds))}")
+                        p_txt = "—" if p is None and not all(x in plain for x in seeds) else f(p)
+                        lines.append(f"| {s} | {b} | {k} | {rs[seeds[0]]['nfe']} | {LABELS[v]} | {ev:.0f} | {p_txt} | "
                                      f"{f(val)} | {ratio} | {eq_txt} | {','.join(map(str, seeds))} |")
     lines.append("\n## Gamma per step (first seed set; raw estimate before the clip, sigma of the corrected step's start)\n")
     lines.append("| testbed | schedule | base | steps | variant | gamma_raw (sigma) |")
@@ -265,8 +268,12 @@ def figure(payload, path: Path) -> None:
     rows = payload["rows"]
     testbeds = sorted({r["testbed"] for r in rows}, key=lambda t: (t != "mnist", t))
     fig, axes = plt.subplots(len(testbeds) * 2, 3, figsize=(13, 3.2 * 2 * len(testbeds)), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
     markers = {"plain": "o", "own": "s", "paper": "x", "paper_edm": "+", "lookahead": "^", "lookahead_free": "v",
                "lookahead_bl": "D"}
+    colors = dict(zip(VARIANTS, ["k", "tab:orange", "tab:green", "tab:olive", "tab:red", "tab:purple", "tab:brown"]))
+    handles = {}
     for ti, tb in enumerate(testbeds):
         m = "fd" if tb == "mnist" else "sw2"
         for si, s in enumerate(SCHEDULES):
@@ -280,15 +287,20 @@ def figure(payload, path: Path) -> None:
                     if not pts:
                         continue
                     xs = sorted(pts)
-                    ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker=markers[v],
-                            linestyle="-" if v == "plain" else "none", label=LABELS[v])
+                    (h,) = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker=markers[v], color=colors[v],
+                                   linestyle="-" if v == "plain" else "none", label=LABELS[v])
+                    handles[v] = h
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.set_title(f"{tb} {s} {b}", fontsize=9)
                 ax.set_xlabel("model_evals per sample")
                 ax.set_ylabel(m)
-        axes[2 * ti][0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([handles[v] for v in VARIANTS if v in handles], [LABELS[v] for v in VARIANTS if v in handles],
+               loc="upper center", ncol=4, fontsize=8)
+    fig.suptitle("mean over seed sets; plain (line) at every step count run, incl. the equal-model_evals ones",
+                 y=0.005, fontsize=8, va="bottom")
+    fig.tight_layout(rect=(0, 0.01, 1, 0.975))
     fig.savefig(path, dpi=90)
 
 

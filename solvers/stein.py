@@ -68,6 +68,12 @@ def _record(record: SteinRecord) -> None:
         records.append(record)
 
 
+def record_step(record: SteinRecord) -> None:
+    """Add ``record`` to the enclosing :func:`stein_trace` (no-op outside one): for Stein-type
+    solvers defined elsewhere (:class:`~diffsample.solvers.stein_lookahead.SteinLookahead`)."""
+    _record(record)
+
+
 def _rows(v: Tensor) -> Tensor:
     """Per-sample sum over all but the batch dimension: ``(B, ...) -> (B,)``."""
     return v.flatten(1).sum(1)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffsample.core.accounting import add_backward_evals, add_event, forward_rows, measure_model_evals
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, Solver, SolverState, call_denoise
-from diffsample.solvers.stein import NotDifferentiableError, SteinRecord, _record, _rows, _sub_grid
+from diffsample.solvers.stein import NotDifferentiableError, SteinRecord, record_step
 
 
 class LookaheadState(NamedTuple):
@@ -188,11 +188,23 @@ class SteinLookahead:
             warnings.warn(f"SteinLookahead: non-finite gamma for step {i - 1}; keeping the plain candidate",
                           stacklevel=3)
         ones = torch.ones(x.shape[0], dtype=torch.float64)
-        _record(SteinRecord(i - 1, grid.sigma_list[i - 1], ones * gamma, ones * gamma_raw, True, fallback))
+        record_step(SteinRecord(i - 1, grid.sigma_list[i - 1], ones * gamma, ones * gamma_raw, True, fallback))
         delta = 1.0 - gamma
         if delta == 0.0:
             return x, m
         return x + delta * u.to(x.dtype), (m + delta * ju if self.transport else m)
+
+
+def _rows(v: Tensor) -> Tensor:
+    """Per-sample sum over all but the batch dimension: ``(B, ...) -> (B,)``."""
+    return v.flatten(1).sum(1)
+
+
+def _sub_grid(grid: Grid, i: int) -> Grid:
+    """The one-step grid ``[i, i + 1]`` of ``grid`` (to ask the base solver for its calls on that step)."""
+    sl = slice(i, i + 2)
+    return Grid(t=grid.t[sl], alpha=grid.alpha[sl], sigma=grid.sigma[sl], lambda_=grid.lambda_[sl],
+                noise_schedule=grid.noise_schedule)
 
 
 def _nearest_root(a: float, b: float, c: float) -> float:
