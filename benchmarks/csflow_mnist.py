@@ -7,7 +7,7 @@ Phases (``--phase``):
 * ``grid`` -- every solver x schedule x NFE at the first seed set: solvers dpmpp_2m, unipc_bh2,
   euler, heun; schedules trailing, leading, karras, lambda_uniform and csflow at mix 0.4 (default)
   and 1.0 at the paper's 76.55 pixels per degree, plus (solvers of ``--geometry-solvers``) both at
-  16 pixels per degree -- a 16-pixel digit shown one degree wide; NFE 4, 5, 6, 8, 10, 20 (Heun: 3, 4, 5, 10 steps = NFE 5, 7, 9, 19; its last
+  16 pixels per degree -- a 16-pixel digit shown one degree wide; Heun also ``csflow:base=model``; NFE 4, 5, 6, 8, 10, 20 (Heun: 3, 4, 5, 10 steps = NFE 5, 7, 9, 19; its last
   step to sigma = 0 costs one evaluation). csflow runs with the bundled MNIST spectrum
   (``generate`` fills it in for the bundled model).
 * ``seeds`` -- the further seed sets for csflow's default and, per solver, every built-in schedule
@@ -20,9 +20,13 @@ Phases (``--phase``):
 * ``report`` -- ``csflow_mnist.json`` (every cell, command, versions, date), ``csflow_mnist.md`` (tables,
   target check) and ``csflow_mnist.png`` (FD vs NFE per solver), plus ``csflow_g3.{json,md}``.
 
-Cells are appended to ``--work/cells.jsonl`` (re-running resumes). Usage::
+Cells are appended to ``--work/cells.jsonl`` (re-running resumes) and each phase's command to
+``--work/commands.txt``, which the report lists. Usage (the full plan: N = 1,000, three seed sets)::
 
-    OMP_NUM_THREADS=1 python benchmarks/csflow_mnist.py --phase all --num-samples 500 --out benchmarks/results
+    OMP_NUM_THREADS=1 python benchmarks/csflow_mnist.py --phase all --out benchmarks/results
+
+The committed results are a smaller run sized for a shared 2-core CPU (N = 250, NFE 5-20, the
+seed sets for dpmpp_2m / unipc_bh2 at NFE 5-8 only); their commands head ``csflow_mnist.md``.
 
 This is a script, not a test: it asserts nothing.
 """
@@ -50,6 +54,7 @@ GEOMETRY = ("csflow:pixels_per_degree=16", "csflow:mix=1,pixels_per_degree=16")
 DEFAULT = "csflow"
 NFES = (4, 5, 6, 8, 10, 20)
 GEOMETRY_SOLVERS = ("dpmpp_2m",)
+EXTRA = {"heun": ("csflow:base=model",)}  # Heun (VE-sigma coordinates) with the timestep-uniform base
 SEED_SETS = (0, 100_000, 200_000)
 
 
@@ -100,7 +105,7 @@ def run_cells(jobs, args, log=print) -> None:
 
 
 def schedules_for(solver: str, args) -> tuple[str, ...]:
-    return (*BUILTIN, *CSFLOW, *(GEOMETRY if solver in args.geometry_solvers else ()))
+    return (*BUILTIN, *CSFLOW, *(GEOMETRY if solver in args.geometry_solvers else ()), *EXTRA.get(solver, ()))
 
 
 def grid_jobs(args):
@@ -224,6 +229,16 @@ def target_check(groups, args) -> list[dict]:
     return rows
 
 
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+          "tab:olive")
+
+
+def commands(args) -> list[str]:
+    """The commands that ran the cells (``--work/commands.txt``), one per line."""
+    path = args.work / "commands.txt"
+    return path.read_text().splitlines(keepends=True) if path.exists() else []
+
+
 def fmt(g) -> str:
     vals = list(g["values"].values())
     if len(vals) == 1:
@@ -235,9 +250,9 @@ def report(args, meta) -> None:
     cells = read_cells(args.work / "cells.jsonl")
     groups = summarise(cells, args)
     checks = target_check(groups, args)
-    schedules = (*BUILTIN, *CSFLOW, *GEOMETRY)
+    schedules = (*BUILTIN, *CSFLOW, *GEOMETRY, *sorted({e for v in EXTRA.values() for e in v}))
     lines = [f"# CSFlow vs built-in step schedules on the bundled MNIST model\n",
-             f"```bash\n{meta['command']}\n```\n",
+             "```bash\n" + "".join(commands(args)) + f"{meta['command']}\n```\n",
              f"{meta['date']}; {meta['machine']}; torch {meta['torch']}. MNIST-FD of N = {args.num_samples} samples "
              f"(classes balanced) against the 1,000 held-out digits; seed sets start at {list(args.seed_sets)} "
              "(mean, min-max over the seed sets run; one value = first seed set only). csflow uses the bundled "
@@ -265,14 +280,17 @@ def report(args, meta) -> None:
                  f"(worst ratio {max(r['ratio'] for r in in_range):.2f}). Beats it at every NFE 5-8 for: "
                  f"{', '.join(beats_all) or 'none'} (target: two solvers); at some NFE 5-8 for: {', '.join(sorted(beats)) or 'none'}.\n")
     (args.out / "csflow_mnist.md").write_text("\n".join(lines) + "\n")
-    (args.out / "csflow_mnist.json").write_text(json.dumps({**meta, "num_samples": args.num_samples,
+    (args.out / "csflow_mnist.json").write_text(json.dumps({**meta, "commands": [c.strip() for c in commands(args)],
+                                                            "num_samples": args.num_samples,
                                                             "seed_sets": list(args.seed_sets),
-                                                            "cells": list(cells.values()), "target": checks}, indent=1) + "\n")
+                                                            "cells": [c for c in cells.values() if c["num_samples"] == args.num_samples],
+                                                            "target": checks}, indent=1) + "\n")
     plot(groups, args)
     g3_path = args.work / "g3.json"
     if g3_path.exists():
         rows = json.loads(g3_path.read_text())
-        md = ["# CSFlow on an exact Gaussian random field (64 x 64 torus)\n", f"```bash\n{meta['command']}\n```\n",
+        md = ["# CSFlow on an exact Gaussian random field (64 x 64 torus)\n",
+              "```bash\n" + "".join(c for c in commands(args) if "g3" in c) + "```\n",
               "CSF-weighted relative spectral error of the generated field (exact: one run with unit noise in every "
               "mode), rectified flow, exact Wiener-filter denoiser, P_d(f) = 1e-3 (f + 0.01)^-2, 76.55 pixels per "
               "degree. Lower is better.\n",
@@ -294,7 +312,7 @@ def plot(groups, args) -> None:
 
     fig, axes = plt.subplots(1, len(args.solvers), figsize=(5 * len(args.solvers), 4.2), squeeze=False)
     for ax, s in zip(axes[0], args.solvers):
-        for sch in (*BUILTIN, *CSFLOW, *GEOMETRY):
+        for sch in (*BUILTIN, *CSFLOW, *GEOMETRY, *EXTRA.get(s, ())):
             pts = sorted((g["nfe"], g["mean"], min(g["values"].values()), max(g["values"].values()))
                          for (ss, c, n), g in groups.items() if ss == s and c == sch)
             if not pts:
@@ -303,14 +321,15 @@ def plot(groups, args) -> None:
             err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
             style = "-" if sch.startswith("csflow") else "--"
             ax.errorbar(x, y, yerr=err, fmt=style, marker="o", ms=3, capsize=2, label=sch,
-                        lw=2.2 if sch == DEFAULT else 1.2)
+                        lw=2.2 if sch == DEFAULT else 1.2, color=COLORS[(*BUILTIN, *CSFLOW, *GEOMETRY,
+                                                                          "csflow:base=model").index(sch)])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(s)
         ax.set_xlabel("NFE")
         ax.set_ylabel(f"MNIST-FD (N={args.num_samples})")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(args.out / "csflow_mnist.png", dpi=110)
     plt.close(fig)
@@ -346,6 +365,10 @@ def main(argv=None) -> None:
     meta = {"command": "python " + shlex.join(["benchmarks/csflow_mnist.py", *(sys.argv[1:] if argv is None else argv)]),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {args.threads} thread(s), shared 2-core CPU", "torch": torch.__version__}
+    if args.phase != "report":  # the report lists every command that made its cells
+        args.work.mkdir(parents=True, exist_ok=True)
+        with open(args.work / "commands.txt", "a") as fh:
+            fh.write(meta["command"] + "\n")
     if args.phase in ("grid", "all"):
         run_cells(grid_jobs(args), args)
     if args.phase in ("seeds", "all"):
