@@ -114,8 +114,10 @@ def load_spectrum(spectrum: str | os.PathLike) -> Spectrum:
     if not path.is_file():
         raise ValueError(f"spectrum {text!r} is neither a bundled spectrum nor a file; bundled: "
                          f"{', '.join(bundled_spectra())}")
-    try:
-        data = json.loads(path.read_text())
+    from diffsample.core.files import read_json
+
+    try:  # a regular UTF-8 file of at most 16 MiB, nested at most 64 deep
+        data = read_json(path, "spectrum file")
     except (OSError, ValueError) as exc:
         raise ValueError(f"spectrum {text!r}: cannot read it as JSON ({exc})") from None
     if not isinstance(data, dict):

@@ -241,9 +241,13 @@ class RatioClassifier:
         """
         from safetensors import safe_open
 
+        from diffsample.core.files import regular_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"ratio classifier file {str(path)!r} not found")
+        try:
+            regular_file(path, "ratio classifier file", 1 << 30)  # no FIFO / device / directory, 1 GiB at most
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from None
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())

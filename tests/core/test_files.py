@@ -106,3 +106,22 @@ def test_schema_helpers():
     assert json.loads("1e400") == float("inf")  # Python's parser overflows to inf ...
     with pytest.raises(ValueError, match="finite"):
         json_number(json.loads("1e400"), "x")  # ... which the schema refuses
+
+
+def test_every_json_reader_of_the_project_refuses_deep_nesting_in_one_line(tmp_path):
+    """Jeffrey targets, marginal files, CSFlow spectra, CLIP configs and model-folder configs go
+    through core/files: a 200,000-deep file is one ValueError line, not a RecursionError."""
+    from diffsample.guidance.jeffrey.class_marginal import load_marginal, parse_target
+    from diffsample.run.models import scheduler_config
+    from diffsample.solvers.spectrum import load_spectrum
+
+    deep = "[" * 200_000 + "]" * 200_000
+    path = tmp_path / "deep.json"
+    path.write_text(deep)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(deep)
+    for read in (lambda: parse_target(str(path), 3), lambda: load_marginal(path), lambda: load_spectrum(path),
+                 lambda: scheduler_config(tmp_path)):
+        with pytest.raises(ValueError, match="nested more than 64 levels") as exc:
+            read()
+        one_line(exc)
