@@ -205,6 +205,8 @@ def report(payload) -> str:
         return sum(vals) / len(vals) if vals and all(math.isfinite(v) for v in vals) else None
 
     lines = ["# SteinDiff in the paper's regime (issue 20)\n",
+             "Findings and the targets: benchmarks/RESULTS.md, section \"The paper's regime: `stein_paper`, "
+             "`stein_lookahead`\".\n",
              "Written by `python benchmarks/stein_regime.py report` from `stein_regime.json`. Versions: "
              f"{payload.get('versions')}. The runs, in order, with the rows each produced (a run with fewer rows "
              "than its cells was stopped early; rows already present are not rerun):\n",
