@@ -11,7 +11,7 @@ supplies (``resources`` for guidance terms) are the registry's ``context`` and a
 instance. Every problem is one ``ValueError`` line: an unknown name lists the valid names, an
 unknown option lists the valid options with their defaults, a value of the wrong type names the
 option and its type. Values are converted to the option's type: ``bool`` from
-``true/false/yes/no/on/off/1/0``; ``int`` from integral, finite numbers within 64 bits; ``float``
+``true/false/1/0`` (case-insensitive); ``int`` from integral, finite numbers within 64 bits; ``float``
 from any number but NaN (``inf`` included).
 
 Names are snake_case (``[a-z][a-z0-9_]*``); older spellings stay as aliases
@@ -35,8 +35,8 @@ T = TypeVar("T")
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _INT_LIMIT = 2**63
-_TRUE = ("true", "yes", "on", "1")
-_FALSE = ("false", "no", "off", "0")
+_TRUE = ("true", "1")
+_FALSE = ("false", "0")
 
 
 class _Required:
@@ -309,7 +309,7 @@ class Registry(Generic[T]):
             word = text.lower() if text is not None else (str(value) if value in (0, 1) else "")
             if word in _TRUE or word in _FALSE:
                 return word in _TRUE
-            raise ValueError(f"{where} must be true or false (or yes/no, 1/0), got {format_value(value)}")
+            raise ValueError(f"{where} must be true or false (or 1/0), got {format_value(value)}")
         if option.kind == "int":
             number = _number(value, text)
             if number is None or isinstance(value, bool):

@@ -95,6 +95,10 @@ class NoiseTilt:
         if not self.beta > 0 or not math.isfinite(self.beta):
             raise ValueError(f"noisetilt: beta must be a finite number > 0, got {self.beta}")
         check_grad_wrt(self.grad_wrt, "noisetilt")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"noisetilt: tile must be an integer >= 1, got {self.tile!r}")
+        if not 0.0 < self.whiten_alpha < 1.0:
+            raise ValueError(f"noisetilt: whiten_alpha must be in (0, 1), got {self.whiten_alpha}")
         object.__setattr__(self, "reward", as_reward(self.reward))
 
     def __call__(self, denoiser: Denoiser) -> "NoiseTiltDenoiser":

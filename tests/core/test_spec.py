@@ -120,11 +120,16 @@ def test_check_validates_keys_and_types_without_building():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("false", False), ("False", False), ("no", False), ("0", False), ("off", False),
-    ("true", True), ("True", True), ("yes", True), ("1", True), ("on", True),
+    ("false", False), ("False", False), ("0", False), ("true", True), ("True", True), ("1", True),
 ])
 def test_bool_options_read_words(text, expected):
     assert GUIDANCE.create(f"dps:normalize={text}", resources=RES).normalize is expected
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "off", "2", "maybe"])
+def test_bool_options_accept_true_false_1_0_only(text):
+    with pytest.raises(ValueError, match="must be true or false"):
+        GUIDANCE.create(f"dps:normalize={text}", resources=RES)
 
 
 @pytest.mark.parametrize("spec, message", [
