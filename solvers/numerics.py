@@ -23,6 +23,11 @@ def alpha_sigma(noise_schedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
             append_dims(noise_schedule.sigma(t64).to(x), x.ndim))
 
 
+def row_sum(v: Tensor) -> Tensor:
+    """Per-sample sum over all but the batch dimension: ``(B, ...) -> (B,)``."""
+    return v.flatten(1).sum(1)
+
+
 def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation like ``numpy.interp`` (``xp`` increasing), differentiable in ``x``.
 

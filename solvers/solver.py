@@ -161,6 +161,12 @@ class Grid:
             lambda_ = torch.cat([lambda_, one * math.inf])
         return cls(t=t, alpha=alpha, sigma=sigma, lambda_=lambda_, noise_schedule=noise_schedule)
 
+    def segment(self, i: int) -> "Grid":
+        """The one-step grid ``[i, i + 1]`` of this grid (e.g. to ask a solver for its calls on step ``i``)."""
+        sl = slice(i, i + 2)
+        return Grid(t=self.t[sl], alpha=self.alpha[sl], sigma=self.sigma[sl], lambda_=self.lambda_[sl],
+                    noise_schedule=self.noise_schedule)
+
     @property
     def steps(self) -> int:
         """Number of grid intervals."""

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from diffsample.core.accounting import add_event, add_model_evals, forward_rows, measure_model_evals
+from diffsample.solvers.numerics import row_sum
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, Solver, SolverState, tree_map
 
 ApplySteps = Literal["all", "all_but_last"] | int | Callable[[int, Grid], bool]
@@ -73,10 +74,6 @@ def record_step(record: SteinRecord) -> None:
     solvers defined elsewhere (:class:`~diffsample.solvers.stein_lookahead.SteinLookahead`)."""
     _record(record)
 
-
-def _rows(v: Tensor) -> Tensor:
-    """Per-sample sum over all but the batch dimension: ``(B, ...) -> (B,)``."""
-    return v.flatten(1).sum(1)
 
 
 def _repeat_batch(tree: Any, n: int, batch: int) -> Any:
@@ -231,7 +228,7 @@ class SteinDiff:
         """Network passes per sample of a run, in forward-equivalents (docs/design.md#nfe-and-model_evals)."""
         total = 0.0
         for i in range(grid.steps):
-            calls = self.base.nfe(_sub_grid(grid, i))
+            calls = self.base.nfe(grid.segment(i))
             if not self.corrects(grid, i):
                 total += calls
             elif self.div_mode == "vjp":
@@ -300,7 +297,7 @@ class SteinDiff:
         else:
             a = alpha / alpha_next
             s2 = sigma**2 - a**2 * sigma_next**2
-        s_xu, s_uu = _rows(u_w * x_w), _rows(u_w * u_w)
+        s_xu, s_uu = row_sum(u_w * x_w), row_sum(u_w * u_w)
         if self.stats == "batch":
             s_xu, s_uu, div_u = (v.mean().expand(x.shape[0]) for v in (s_xu, s_uu, div_u))
         with torch.no_grad():
@@ -343,7 +340,7 @@ class SteinDiff:
                 v = self._probe(x_, gen)
                 (g,) = torch.autograd.grad(x_next, x_, v, retain_graph=k < self.probes - 1, allow_unused=True)
                 add_model_evals(2 * rows[0], backward=True)  # one VJP through every network row of the step's calls
-                divs.append(_rows(v * g) if g is not None else torch.zeros(x.shape[0], dtype=x.dtype))
+                divs.append(row_sum(v * g) if g is not None else torch.zeros(x.shape[0], dtype=x.dtype))
         div_t = torch.stack(divs).mean(0).detach()
         return x_next.detach(), tree_map(torch.Tensor.detach, new_state), div_t
 
@@ -392,9 +389,3 @@ def _rows_p(v: Tensor) -> Tensor:
     """Per-probe, per-sample sum: ``(P, B, ...) -> (P, B)``."""
     return v.flatten(2).sum(2)
 
-
-def _sub_grid(grid: Grid, i: int) -> Grid:
-    """The one-step grid ``[i, i + 1]`` of ``grid`` (to ask a solver for its calls on that step)."""
-    sl = slice(i, i + 2)
-    return Grid(t=grid.t[sl], alpha=grid.alpha[sl], sigma=grid.sigma[sl], lambda_=grid.lambda_[sl],
-                noise_schedule=grid.noise_schedule)

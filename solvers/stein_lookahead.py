@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from diffsample.core.accounting import add_backward_evals, add_event, forward_rows, measure_model_evals
+from diffsample.solvers.numerics import row_sum
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, Solver, SolverState, call_denoise
 from diffsample.solvers.stein import NotDifferentiableError, SteinRecord, record_step
 
@@ -145,7 +146,7 @@ class SteinLookahead:
         """Network passes per sample, in forward-equivalents: the base's + 2 per re-corrected step."""
         total = 0.0
         for i in range(grid.steps):
-            total += self.base.nfe(_sub_grid(grid, i)) + (2.0 if self.corrects(grid, i) else 0.0)
+            total += self.base.nfe(grid.segment(i)) + (2.0 if self.corrects(grid, i) else 0.0)
         return total
 
     def step(
@@ -176,9 +177,9 @@ class SteinLookahead:
         x64, m64, u64, ju64 = (v.double() for v in (x.detach(), m, u, ju))
         r, q = x64 - alpha * m64, u64 - alpha * ju64
         dim = x[0].numel()
-        a = float(_rows(r * x64).mean()) - dim * sigma**2
-        b = float(_rows(q * x64).mean() + _rows(r * u64).mean())
-        c = float(_rows(q * u64).mean())
+        a = float(row_sum(r * x64).mean()) - dim * sigma**2
+        b = float(row_sum(q * x64).mean() + row_sum(r * u64).mean())
+        c = float(row_sum(q * u64).mean())
         gamma_raw = 1.0 - _nearest_root(a, b, c)
         fallback = not math.isfinite(gamma_raw)
         gamma = 1.0 if fallback else min(max(gamma_raw, self.gamma_min if self.gamma_min is not None else -math.inf),
@@ -195,16 +196,6 @@ class SteinLookahead:
         return x + delta * u.to(x.dtype), (m + delta * ju if self.transport else m)
 
 
-def _rows(v: Tensor) -> Tensor:
-    """Per-sample sum over all but the batch dimension: ``(B, ...) -> (B,)``."""
-    return v.flatten(1).sum(1)
-
-
-def _sub_grid(grid: Grid, i: int) -> Grid:
-    """The one-step grid ``[i, i + 1]`` of ``grid`` (to ask the base solver for its calls on that step)."""
-    sl = slice(i, i + 2)
-    return Grid(t=grid.t[sl], alpha=grid.alpha[sl], sigma=grid.sigma[sl], lambda_=grid.lambda_[sl],
-                noise_schedule=grid.noise_schedule)
 
 
 def _nearest_root(a: float, b: float, c: float) -> float:

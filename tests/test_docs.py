@@ -125,7 +125,7 @@ def problems_in(lines: list[str], where: Path, label: str) -> list[str]:
 def test_checker_catches_what_it_should():
     here = ROOT / "tests"
     bad = ["see NOT_HERE.md section 2", "docs/nowhere.md", "docs/design.md#no-such-heading",
-           "derived [" + "D]", "from a secondary source [" + "S])", "../shared/reference/GUIDE.md"]
+           "derived [" + "D]", "from a secondary source [" + "S])", "../outside/GUIDE.md"]
     good = ["README.md", "docs/design.md#layers", "https://github.com/a/b/blob/main/OTHER.md",
             "x = torch.tensor([S])", "y = table[S]", "benchmarks/results/stein_*.md", "`results.md`"]
     assert len(problems_in(bad, here, "t")) == len(bad), problems_in(bad, here, "t")

@@ -34,13 +34,7 @@ N = 3000
 A_N_LITERAL = [1, .55274, .36373, .26031, .19567, .15186, .12051, .09720, .07936]  # alpha = 0.2, t0 = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids contention on shared CPUs (10x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread avoids contention
 
 
 @pytest.fixture(scope="module")
