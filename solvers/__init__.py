@@ -126,6 +126,14 @@ SOLVERS.add("dpmpp_2m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) SDE
             meanings=_DPM, order=2, eta=1.0)
 SOLVERS.add("dpmpp_3m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) SDE (eta=1); stochastic",
             meanings=_DPM, order=3, eta=1.0)
+SOLVERS.add("dpmpp_2s_ancestral", _P + "dpmpp_2s_ancestral:DPMSolverPP2SAncestral", "DPM-Solver++(2S) + ancestral "
+            "noise (k-diffusion sample_dpmpp_2s_ancestral); 2 NFE/step; stochastic (eta=0: order 2)",
+            meanings={"eta": _ETA, "s_noise": "scale of the drawn noise (k-diffusion's s_noise)"}, eta=1.0)
+SOLVERS.add("dpmpp_sde", _P + "dpmpp_sde:DPMSolverPPSDE", "DPM-Solver++ SDE, single-step, two noisy stages "
+            "(k-diffusion sample_dpmpp_sde); 2 NFE/step; stochastic (eta=0: order 2)", aliases=("dpmpp_sde_gpu",),
+            meanings={"eta": _ETA, "s_noise": "scale of the drawn noise (k-diffusion's s_noise)",
+                      "r": "stage point lambda_i + r h, in (0, 1]",
+                      "noise": "brownian (k-diffusion's Brownian-tree law of the two draws) or independent"}, eta=1.0)
 SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
