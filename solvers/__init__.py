@@ -117,6 +117,16 @@ SOLVERS.add("flow_sde", _P + "flow_sde:FlowSDE",
             "rectified-flow SDE, g = 0.7 sqrt(t/(1-t)) (Flow-GRPO); flow models only; stochastic",
             meanings={"noise_level": "g_t = noise_level sqrt(t / (1 - t)); 0 is the flow ODE's Euler step"},
             noise_level=0.7)
+SOLVERS.add("lcm", _P + "consistency:LCM", "LCM multistep consistency sampling: predict x0, re-noise with a fresh "
+            "draw (arXiv 2310.04378); few-step students; stochastic",
+            meanings={"boundary": "LCM's boundary condition c_skip x + c_out D: None applies it on discrete-VP "
+                                  "schedules (as diffusers' LCMScheduler), true demands it, false drops it",
+                      "timestep_scaling": "c_skip / c_out time scale s (> 0; diffusers 10)",
+                      "sigma_data": "c_skip / c_out data scale (> 0; diffusers 0.5)"})
+SOLVERS.add("tcd", _P + "consistency:TCD", "TCD strategic stochastic sampling: jump to s = (1 - gamma) t_next, "
+            "re-noise to t_next (arXiv 2402.19159); gamma=0 is DDIM; stochastic for gamma > 0",
+            meanings={"gamma": "stochasticity in [0, 1] (diffusers' eta): 0 deterministic (DDIM), 1 re-noise from x0"},
+            gamma=0.3)
 SOLVERS.add("heun", _P + "heun:Heun", "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)")
 SOLVERS.add("dpmpp_2m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) multistep; order 2, 1 NFE/step",
             meanings=_DPM, order=2)
@@ -184,6 +194,10 @@ STEP_SCHEDULES.add("flow_shift", _P + "step_schedules:FlowShift",
                    "SD3/FLUX shifted time-uniform spacing (rectified flow only), shift=3",
                    meanings={"shift": "t' = shift t / (1 + (shift - 1) t); FLUX: exp(mu) (> 0)",
                              "spacing": "the time-uniform grid shifted: linspace or trailing"})
+STEP_SCHEDULES.add("lcm", _P + "lcm_schedule:LCMSchedule",
+                   "LCM / TCD student grid: n points of the original_inference_steps grid, evenly spaced in index "
+                   "(diffusers LCMScheduler / TCDScheduler; 4 steps: 999, 759, 499, 259)",
+                   meanings={"original_inference_steps": "points of the distillation grid (>= the steps asked for)"})
 STEP_SCHEDULES.add("csflow", _P + "csflow:CSFlow",
                    "CSFlow: steps where visible frequencies are generated (Barten CSF x data spectrum, arXiv 2606.08833)",
                    meanings={"mix": "weight of the CSF weights vs the default spacing, in [0, 1] (1: CSF only)",

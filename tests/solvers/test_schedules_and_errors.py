@@ -36,6 +36,10 @@ def test_every_schedule_every_step_count(name, ns, final):
             STEP_SCHEDULES.create(name)(ns, 5)
         return
     for steps in [1, 2, 3, 5, 8, 20, 50]:
+        if name == "lcm" and steps + (final == "last") > 50:  # a subset of its 50-point distillation grid
+            with pytest.raises(ValueError, match="valid: 1 to 50"):
+                Sampler(Euler(), STEP_SCHEDULES.create(name), steps, final=final).grid(ns)
+            continue
         grid = Sampler(Euler(), STEP_SCHEDULES.create(name), steps, final=final).grid(ns)
         assert grid.steps == steps
         assert (grid.lambda_[1:] > grid.lambda_[:-1]).all()
