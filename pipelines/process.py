@@ -156,7 +156,8 @@ def grid_from_scheduler(scheduler: Any, process: Process, num_inference_steps: i
     The scheduler is deep-copied first (``copy_scheduler``), so stateful side effects (DPM-Solver
     writes ``config.flow_shift = exp(mu)``) stay on the copy. Flow grids are read from its
     ``sigmas`` (flow sigma = ``t``); VP grids from its ``timesteps`` (the network's own time).
-    A final point with ``sigma > 0`` (``final_sigmas_type="sigma_min"``) is kept. A VP scheduler
+    A final point with ``sigma > 0`` (``final_sigmas_type="sigma_min"``; ``TCDScheduler``, whose last
+    step ends at timestep 0) is kept. A VP scheduler
     whose ``sigmas`` are not those of its ``timesteps`` (``use_karras_sigmas``, exponential, beta,
     lu-lambda grids: diffusers rounds the timesteps it hands the network) gives the grid of its
     ``sigmas``, with its ``timesteps`` kept for the network.
@@ -206,6 +207,8 @@ def grid_from_scheduler(scheduler: Any, process: Process, num_inference_steps: i
         t_final = max(t_final, process.noise_schedule.t_min)
         if t_final >= float(t[-1]):
             t_final = None
+    if type(sched).__name__ == "TCDScheduler" and float(t[-1]) > ns.t_min:
+        t_final = ns.t_min  # TCD's last step ends at timestep 0 (alpha^2 = 1 - beta_0), not at sigma = 0
     return PipelineGrid(t, t_final, ts)
 
 

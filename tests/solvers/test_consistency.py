@@ -224,3 +224,122 @@ def test_lcm_boundary_needs_a_discrete_vp_schedule():
     with pytest.raises(ValueError, match="needs a discrete-VP schedule.*valid: boundary=None"):
         LCM(boundary=True).init(torch.zeros(1, 2), grid)
     assert not LCM().applies_boundary(ns) and LCM().applies_boundary(DiscreteVP.from_config(SD_BETAS))
+
+
+# ---- through attach (the pipeline's own loop over the scheduler shim) -------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddpm_pipe():
+    from diffsample.testbed import tiny_pipelines as tp
+
+    return tp.build("ddpm")
+
+
+@pytest.mark.parametrize("scheduler, solver", [("LCMScheduler", "lcm"), ("TCDScheduler", "tcd")])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_attach_reproduces_the_pipelines_own_lcm_and_tcd_scheduler(ddpm_pipe, scheduler, solver, steps):
+    """A DDPM pipeline running diffusers' LCMScheduler / TCDScheduler (eta = 0.3, the pipeline's
+    default) gives the same images as the same pipeline with ``attach(pipe, "lcm" / "tcd")``: same
+    grid (TCD's last step ends at timestep 0), the pipeline's generator drawing the same noise."""
+    from diffsample import attach, detach
+
+    pipe = ddpm_pipe
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(original.config, clip_sample=False)
+    try:
+        def images():
+            return torch.as_tensor(pipe(batch_size=2, num_inference_steps=steps, output_type="np",
+                                        generator=torch.Generator().manual_seed(0)).images)
+
+        ref = images()
+        attach(pipe, solver)
+        try:
+            ours = images()
+            report = pipe.scheduler.report()
+        finally:
+            detach(pipe)
+    finally:
+        pipe.scheduler = original
+    assert report["nfe"] == steps and report["model_evals"] == steps
+    assert _rel(ours, ref) < 1e-5, f"relative difference {_rel(ours, ref):.2e}"
+
+
+# ---- guidance on tcd through generate (bundled MNIST model) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from diffsample.run.models import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="module")
+def tcd_runs(mnist):
+    import diffsample
+
+    kw = dict(solver="tcd", schedule="lcm", steps=4, num_samples=8, batch_size=8, seed=0)
+    return {spec: diffsample.generate(mnist, guidance=[spec] if spec else [], **kw)
+            for spec in ("", "noisetilt:reward=ink,rho=constant,strength=0.5", "best_of_n:reward=ink,n=3")}
+
+
+def test_noisetilt_acts_on_tcd_draws_with_honest_model_evals(tcd_runs):
+    """NoiseTilt replaces tcd's fresh draws through the transition hook: the samples change, the ink
+    reward rises, and each of the 4 steps costs 1 forward + 1 backward (2) network pass per sample."""
+    from diffsample.guidance.rewards import Ink
+
+    plain, tilted = tcd_runs[""], tcd_runs["noisetilt:reward=ink,rho=constant,strength=0.5"]
+    assert plain.record["solver"] == tilted.record["solver"] == "tcd"
+    assert (plain.record["nfe"], plain.record["model_evals"]) == (4, 4)
+    assert (tilted.record["nfe"], tilted.record["model_evals"]) == (4, 12)
+    assert tilted.record["events"]["backward_rows"] == 4 * 8
+    assert _rel(tilted.samples, plain.samples) > 0.05
+    assert float(Ink()(tilted.samples).mean()) > float(Ink()(plain.samples).mean()) + 0.05
+
+
+def test_best_of_n_on_tcd_keeps_the_best_chain(tcd_runs):
+    """Chain 0 of best-of-3 is the plain run, so every kept sample scores at least the plain one; nfe
+    and model_evals count the three sequential chains."""
+    from diffsample.guidance.rewards import Ink
+
+    plain, best = tcd_runs[""], tcd_runs["best_of_n:reward=ink,n=3"]
+    assert (best.record["nfe"], best.record["model_evals"]) == (12, 12)
+    assert (Ink()(best.samples) >= Ink()(plain.samples) - 1e-6).all()
+    assert (Ink()(best.samples) > Ink()(plain.samples) + 1e-4).any()
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from diffsample.cli.main import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_generate_with_tcd_on_the_bundled_model(tmp_path):
+    import json
+
+    out = tmp_path / "o"
+    result = _cli("generate", "--solver", "tcd", "--steps", "4", "--num-samples", "2", "-q", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["solver"] == "tcd" and record["nfe"] == 4 and record["model_evals"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--solver", "tcd:gamma=1.5"], "tcd gamma must be in [0, 1]"),
+    (["--solver", "tcd:gamma=-0.2"], "got -0.2"),
+    (["--solver", "lcm", "--schedule", "lcm", "--steps", "51"], "cannot give 51 points"),
+    (["--solver", "tcd", "--schedule", "lcm:original_inference_steps=4", "--steps", "8"], "valid: 1 to 4"),
+    (["--solver", "lcm:boundary=maybe"], "boundary"),
+])
+def test_cli_refuses_bad_consistency_options_with_exit_2(tmp_path, args, message):
+    out = tmp_path / "o"
+    result = _cli("generate", "--num-samples", "2", "-q", "--out", str(out), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not out.exists()
