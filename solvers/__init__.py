@@ -112,6 +112,7 @@ SOLVERS: Registry = Registry("solver")
 SOLVERS.add("euler", _P + "euler:Euler", "Euler / DDIM (eta=0), = DPM-Solver++(1); order 1, 1 NFE/step",
             aliases=("ddim",), meanings={"eta": _ETA + " (DDIM's eta)"}, eta=0.0)
 SOLVERS.add("euler_ancestral", _P + "euler:Euler", "ancestral Euler (eta=1) = DDPM posterior step; stochastic",
+            aliases=("ddpm",),
             meanings={"eta": _ETA}, eta=1.0)
 SOLVERS.add("flow_sde", _P + "flow_sde:FlowSDE",
             "rectified-flow SDE, g = 0.7 sqrt(t/(1-t)) (Flow-GRPO); flow models only; stochastic",
@@ -148,6 +149,32 @@ SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh2")
+SOLVERS.add("ipndm", _P + "ipndm:IPNDM", "iPNDM: uniform-step Adams-Bashforth (up to 4 past eps) in VE sigma "
+            "(arXiv 2204.13902, diff-sampler); order 2 on non-uniform grids, 1 NFE/step",
+            meanings={"max_order": "past slopes used (1-4)", "variable": "step-ratio weights (iPNDM_v)"})
+SOLVERS.add("ipndm_v", _P + "ipndm:IPNDM", "iPNDM_v: iPNDM with step-ratio weights (diff-sampler ipndm_v); order 2, "
+            "1 NFE/step", meanings={"max_order": "past slopes used (1-4)", "variable": "step-ratio weights (iPNDM_v)"},
+            variable=True)
+SOLVERS.add("deis", _P + "deis:DEIS", "DEIS multistep: eps polynomial in log rho integrated exactly in rho "
+            "(arXiv 2204.13902, diffusers DEISMultistepScheduler); order 3, 1 NFE/step", aliases=("deis_multistep",),
+            meanings={"order": "past eps used (1-4)", "basis": "interpolation variable: log_rho (diffusers) or rho "
+                      "(rhoAB, = lms)", "lower_order_final": "orders 1 and 2 on the last two steps of runs under 15 "
+                      "steps (diffusers)"})
+SOLVERS.add("lms", _P + "lms:LMS", "LMS: variable-step Adams-Bashforth in VE sigma (k-diffusion sample_lms); order 4, "
+            "1 NFE/step", meanings={"order": "past slopes used (1-4)"})
+SOLVERS.add("res_multistep", _P + "res_multistep:ResMultistep", "RES two-step multistep, data prediction in lambda "
+            "(arXiv 2308.02157, ComfyUI res_multistep); order 2, 1 NFE/step", meanings={"eta": _ETA}, eta=0.0)
+SOLVERS.add("res_multistep_ancestral", _P + "res_multistep:ResMultistep", "RES multistep + ancestral noise "
+            "(ComfyUI res_multistep_ancestral); stochastic", meanings={"eta": _ETA}, eta=1.0)
+SOLVERS.add("dpm_2", _P + "dpm_2:DPM2", "DPM2: midpoint in log sigma (k-diffusion sample_dpm_2); order 2, "
+            "2 NFE/step", aliases=("dpm2",), meanings={"eta": _ETA}, eta=0.0)
+SOLVERS.add("dpm_2_ancestral", _P + "dpm_2:DPM2", "DPM2 + ancestral noise (k-diffusion sample_dpm_2_ancestral); "
+            "2 NFE/step; stochastic", aliases=("dpm2_ancestral", "dpm2_a"), meanings={"eta": _ETA}, eta=1.0)
+SOLVERS.add("heunpp2", _P + "heunpp:HeunPP2", "Heun++ (ComfyUI heunpp2): Euler/Heun/3-slope blend, sigma-weighted; "
+            "order 1, 3 NFE/step", aliases=("heun_pp2",))
+SOLVERS.add("gradient_estimation", _P + "gradient_estimation:GradientEstimation", "gradient estimation: Euler + "
+            "(gamma - 1)(d - d_prev) (arXiv 2306.04848, ComfyUI); order 1, 1 NFE/step",
+            meanings={"gamma": "weight of the current slope (2: the paper's; 1: Euler; 1.5: AB2 on uniform grids)"})
 SOLVERS.add("stein_dpm", _stein_dpm, "experimental: DPM-Solver++(2M) + SteinDiff, diffsample's own variant "
             "(transition coupling, first step only, gamma in [0.5, 2]; the paper's Algorithm 1 is stein_paper); "
             "nfe as 2M, +10 model evals; eta=1: the 2M SDE base (stochastic)",

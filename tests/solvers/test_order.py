@@ -23,6 +23,8 @@ SCHEDULES = {
 # order 0: no convergence order is claimed (SteinDiff corrects steps by O(1)); tested in test_stein.py
 DETERMINISTIC = [n for n in SOLVERS if not SOLVERS.create(n).stochastic and SOLVERS.create(n).order > 0]
 STEPS = [32, 64, 128, 256]
+# iPNDM_v's 4th-order weights do not sum to 1 off a geometric grid: its order 2 shows from ~256 steps.
+LONG_STEPS = {"ipndm_v": [256, 512, 1024, 2048]}
 
 
 def exact_flow(x, ns, t0, t1):
@@ -52,7 +54,7 @@ def test_convergence_order(name, schedule):
         # The asymptotic order of the method itself: diffusers' lower-order final steps (UniPC:
         # order <= steps - i on every run) add an O(h^2) last-step term when stopping at sigma > 0.
         solver = dataclasses.replace(solver, lower_order_final=False)
-    slope, errors = measured_order(solver, SCHEDULES[schedule])
+    slope, errors = measured_order(solver, SCHEDULES[schedule], LONG_STEPS.get(name, STEPS))
     assert abs(slope - solver.order) < 0.25, f"{name} on {schedule}: slope {slope:.2f}, errors {errors}"
 
 

@@ -1,0 +1,1 @@
+"""Peer reference implementations transcribed for cross-checks (see each module for source and licence)."""
