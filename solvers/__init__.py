@@ -145,6 +145,13 @@ SOLVERS.add("dpmpp_sde", _P + "dpmpp_sde:DPMSolverPPSDE", "DPM-Solver++ SDE, sin
             meanings={"eta": _ETA, "s_noise": "scale of the drawn noise (k-diffusion's s_noise)",
                       "r": "stage point lambda_i + r h, in (0, 1]",
                       "noise": "brownian (k-diffusion's Brownian-tree law of the two draws) or independent"}, eta=1.0)
+SOLVERS.add("sa_solver", _P + "sa_solver:SASolver", "SA-Solver stochastic Adams predictor-corrector (arXiv "
+            "2309.05019, diffusers SASolverScheduler); 1 NFE/step; stochastic (tau=0: order min(c, p + 1))",
+            meanings={"predictor_order": "Adams-Bashforth predictor order p (1-4)",
+                      "corrector_order": "Adams-Moulton corrector order c (1-4; no extra model call)",
+                      "tau": "noise of the SDE family: 0 ODE, 1 reverse SDE",
+                      "tau_sigma_range": "[low, high] VE sigmas where tau applies (None: every step)",
+                      "lower_order_final": "cap the orders at the steps left (diffusers' rule)"})
 SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
