@@ -33,7 +33,7 @@ class DPM2:
     The midpoint's time is ``noise_schedule.t_from_sigma_ve(s_mid)``.
 
     Checked against k-diffusion ``sample_dpm_2`` / ``sample_dpm_2_ancestral`` (transcribed, MIT) on
-    the exact Gaussian mixture to 1e-10 (tests/solvers/test_breadth_crosscheck.py).
+    the exact Gaussian mixture to 1e-9 (tests/solvers/test_breadth_crosscheck.py).
 
     Stages: 2 denoiser calls per step (1 on the step to ``sigma = 0``). Deterministic order 2.
 

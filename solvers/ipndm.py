@@ -57,7 +57,7 @@ class IPNDM:
 
     Checked against zju-pi/diff-sampler ``ipndm_sampler`` / ``ipndm_v_sampler`` (Apache-2.0), which
     ComfyUI's ``sample_ipndm`` / ``sample_ipndm_v`` copy: same trajectories on the exact Gaussian
-    mixture to 1e-10 (tests/solvers/test_breadth_crosscheck.py). As there, the step to ``sigma = 0``
+    mixture to 1e-9 (tests/solvers/test_breadth_crosscheck.py). As there, the step to ``sigma = 0``
     is ``x = D`` and a slope at ``s = inf`` (a rectified-flow grid starting at ``t = 1``) is not kept
     in the history.
 

@@ -27,7 +27,7 @@ class LMS:
     as ``deis:basis=rho`` (which instead steps to ``sigma = 0`` with ``x = D``).
 
     Checked against k-diffusion ``sample_lms`` (transcribed, MIT) on the exact Gaussian mixture to
-    1e-10 (tests/solvers/test_breadth_crosscheck.py).
+    1e-9 (tests/solvers/test_breadth_crosscheck.py).
 
     Stages: 1 denoiser call per step. Deterministic order: ``order`` (tests/solvers/test_order.py).
 
