@@ -3,10 +3,10 @@
 Two update rules, one idea (every step "denoise, then forward-noise to the next grid point"):
 
 * :class:`LCM` -- multistep consistency sampling (Song et al. 2023, arXiv 2303.01469 Algorithm 1;
-  latent consistency models, Luo et al. 2023, arXiv 2310.04378 Algorithm 3), as diffusers'
+  latent consistency models, Luo et al. 2023, arXiv 2310.04378), as diffusers'
   ``LCMScheduler.step``.
 * :class:`TCD` -- strategic stochastic sampling of trajectory consistency distillation (Zheng et al.
-  2024, arXiv 2402.19159 section 3.3, Algorithm 4), as diffusers' ``TCDScheduler.step`` with
+  2024, arXiv 2402.19159), as diffusers' ``TCDScheduler.step`` with
   ``eta = gamma``.
 
 Both draw their fresh noise through :func:`~diffsample.solvers.transition.sample_kernel`, so the
@@ -47,7 +47,7 @@ def _renoise(x_s: Tensor, alpha_s: float, sigma_s: float, solver: object, grid: 
 
 @dataclass(frozen=True)
 class LCM:
-    r"""Multistep latent-consistency sampling (arXiv 2310.04378 Algorithm 3; diffusers ``LCMScheduler``).
+    r"""Multistep latent-consistency sampling (arXiv 2310.04378; diffusers ``LCMScheduler``).
 
     At grid point ``i`` with ``D`` the denoiser output at ``x_i`` (shapes ``(B, *dims)``):
 
@@ -56,12 +56,13 @@ class LCM:
     ``x_{i+1} = alpha_{i+1} x0_hat + sigma_{i+1} z``,  ``z ~ N(0, I)`` fresh at every step,
 
     and the step to ``sigma = 0`` returns ``x0_hat`` (diffusers returns ``denoised`` on its last step).
-    The consistency boundary condition (arXiv 2310.04378 eq. 6, with diffusers' constants) is
-    ``c_skip = sigma_data^2 / ((s tau)^2 + sigma_data^2)``, ``c_out = s tau / sqrt((s tau)^2 + sigma_data^2)``
+    The consistency boundary condition (arXiv 2310.04378, with diffusers' constants) is
+    ``c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2)``, ``c_out = s t / sqrt((s t)^2 + sigma_data^2)``
     with ``s = timestep_scaling`` and ``t`` the diffusers timestep of the grid point, so it is defined
     on a :class:`~diffsample.solvers.noise_schedules.DiscreteVP` schedule only. ``boundary=None``
     (default) applies it there and not on other schedules; ``True`` demands it. At diffusers' constants
-    it moves ``x0_hat`` by a relative ~1e-5 at the smallest timestep LCM uses (19), ~1e-7 at 259.
+    ``c_skip`` is 7e-6 at the smallest timestep LCM uses (19) and 4e-8 at 259, so it matters only
+    for a model trained with it at small timesteps or a smaller ``timestep_scaling``.
 
     Stages: 1 denoiser call per step; ``nfe = steps``. Stochastic: one draw per step except the
     last (kernel std ``sigma_{i+1}``). ``order`` is nominal (1): with the posterior-mean denoiser
@@ -133,7 +134,7 @@ class LCM:
 
 @dataclass(frozen=True)
 class TCD:
-    r"""Strategic stochastic sampling (SSS) of TCD (arXiv 2402.19159 Algorithm 4; diffusers ``TCDScheduler``).
+    r"""Strategic stochastic sampling (SSS) of TCD (arXiv 2402.19159; diffusers ``TCDScheduler``).
 
     From grid point ``i`` to ``i + 1``, with ``D`` the denoiser output at ``x_i`` and
     ``eps = (x_i - alpha_i D) / sigma_i``:
