@@ -255,6 +255,8 @@ _LAZY = {
     "FlowShift": "step_schedules",
     "Karras": "step_schedules", "LambdaUniform": "step_schedules", "PolyExponential": "step_schedules",
     "TimeUniform": "step_schedules", "fixed": "step_schedules", "UniPC": "unipc",
+    "IPNDM": "ipndm", "DEIS": "deis", "LMS": "lms", "ResMultistep": "res_multistep", "DPM2": "dpm_2",
+    "HeunPP2": "heunpp", "GradientEstimation": "gradient_estimation",
 }
 
 __all__ = ["SOLVERS", "STEP_SCHEDULES", "Registry", "parse_spec", *sorted(_LAZY)]

@@ -295,3 +295,35 @@ def test_bad_options_name_the_value(bad):
         DEIS(basis="t")
     with pytest.raises(ValueError, match="eta"):
         DPM2(eta=-1.0)
+
+
+BREADTH = ["ipndm", "ipndm_v", "deis", "lms", "res_multistep", "res_multistep_ancestral", "dpm_2", "dpm_2_ancestral",
+           "heunpp2", "gradient_estimation"]
+
+
+@pytest.mark.parametrize("name", BREADTH)
+def test_short_runs_and_flow_grids_from_t_1(name):
+    """1-3 steps, and rectified-flow grids that start at t = 1 (alpha = 0, infinite VE sigma): finite
+    samples and exactly nfe(grid) denoiser calls."""
+    from diffsample.samplers import Sampler, SeededNoiseFn, seeded_noise
+    from diffsample.solvers import STEP_SCHEDULES, RectifiedFlow
+
+    solver = SOLVERS.create(name)
+    noise = seeded_noise(range(16), (8,), dtype=torch.float64)
+    for ns, schedule in ((RectifiedFlow(), STEP_SCHEDULES.create("flow_shift")), (LinearVP(), Karras())):
+        calls = []
+        den = GMM.denoiser(ns)
+
+        class Counting:
+            noise_schedule = ns
+
+            def __call__(self, x, t, cond=None):
+                calls.append(1)
+                return den(x, t)
+
+        for steps in (1, 2, 3):
+            calls.clear()
+            result = Sampler(solver, schedule, steps)(Counting(), noise,
+                                                    noise_fn=SeededNoiseFn(range(16), (8,), dtype=torch.float64))
+            assert torch.isfinite(result.x).all(), (name, ns, steps)
+            assert len(calls) == solver.nfe(result.grid), (name, ns, steps)
