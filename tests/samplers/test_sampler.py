@@ -9,7 +9,8 @@ from diffsample.solvers import SOLVERS, STEP_SCHEDULES, VE, Karras, LinearVP, Re
 from diffsample.testbed.gmm import GaussianMixture
 
 GMM = GaussianMixture.random(dim=2 * 4 * 4, components=4, seed=1)
-EXPECTED_NFE = {"heun": lambda steps: 2 * steps - 1}
+EXPECTED_NFE = {"heun": lambda steps: 2 * steps - 1, "dpm_2": lambda steps: 2 * steps - 1,
+                "dpm_2_ancestral": lambda steps: 2 * steps - 1, "heunpp2": lambda steps: 3 * steps - 3}
 
 
 @pytest.mark.parametrize("name", SOLVERS.names())
