@@ -152,6 +152,12 @@ SOLVERS.add("sa_solver", _P + "sa_solver:SASolver", "SA-Solver stochastic Adams 
                       "tau": "noise of the SDE family: 0 ODE, 1 reverse SDE",
                       "tau_sigma_range": "[low, high] VE sigmas where tau applies (None: every step)",
                       "lower_order_final": "cap the orders at the steps left (diffusers' rule)"})
+SOLVERS.add("er_sde", _P + "er_sde:ERSDE", "ER-SDE-Solver-3, extended reverse SDE with noise-scale function "
+            "(arXiv 2309.06169, ComfyUI er_sde); 1 NFE/step; stochastic (noise_scaler=ode: order 2)",
+            meanings={"noise_scaler": "phi: default (s (e^{s^0.3} + 10)), sde (s^2, the reverse SDE) or ode (s, no noise)",
+                      "max_stage": "highest Taylor stage: 1, 2 or 3",
+                      "third_order": "D' at stage 3: reference (the paper's backward difference, order 2) or taylor "
+                                     "(order 3)"})
 SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
