@@ -309,6 +309,49 @@ def test_best_of_n_on_tcd_keeps_the_best_chain(tcd_runs):
     assert (Ink()(best.samples) > Ink()(plain.samples) + 1e-4).any()
 
 
+# Every registered guidance term with tcd through generate (bundled MNIST, class 3, 4 lcm-schedule
+# steps): it runs with the model_evals per sample the accounting rules give, or is refused in one line.
+UNIFORM = "[" + ",".join(["0.1"] * 10) + "]"
+TCD_TERMS = {
+    "none": ("none", 4, 4),
+    "cfg": ("cfg:scale=3", 4, 8),  # two branches per call
+    "cfg_rescale": ("cfg_rescale", 4, 8),
+    "apg": ("apg", 4, 8),
+    "cfgpp": ("cfgpp", "refused", "first-order Euler/DDIM"),
+    "cfg_zero_star": ("cfg_zero_star", 4, 8),
+    "classifier": ("classifier", 4, 4),  # the classifier is another network
+    "jeffrey": (f"jeffrey:target=[3:0.5,8:0.5],model_marginal={UNIFORM}", 4, 4),
+    "jeffrey_embedding": ("jeffrey_embedding", "refused", "needs ratio="),
+    "noisetilt": ("noisetilt", 4, 12),  # + 1 backward (2) per step
+    "dps": ("dps", 4, 12),
+    "freedom": ("freedom", 6, 18),  # time-travel repeats add calls
+    "svdd": ("svdd:particles=3", 4, 10),  # 2 extra candidates at each of the 3 stochastic steps
+    "best_of_n": ("best_of_n:n=2", 8, 8),  # two sequential chains
+}
+
+
+def test_every_registered_term_is_in_the_tcd_table():
+    from diffsample import GUIDANCE
+
+    assert set(TCD_TERMS) == set(GUIDANCE.names())
+
+
+@pytest.mark.parametrize("term", sorted(TCD_TERMS))
+def test_tcd_composes_with_every_guidance_term_through_generate(mnist, term):
+    import diffsample
+
+    spec, nfe, evals = TCD_TERMS[term]
+    kw = dict(solver="tcd", schedule="lcm", steps=4, guidance=[spec], class_label=3, num_samples=2, batch_size=2, seed=0)
+    if nfe == "refused":
+        with pytest.raises(ValueError, match=evals) as info:
+            diffsample.generate(mnist, **kw)
+        assert "\n" not in str(info.value)
+        return
+    result = diffsample.generate(mnist, **kw)
+    assert result.record["solver"] == "tcd" and torch.isfinite(result.samples).all()
+    assert (result.record["nfe"], result.record["model_evals"]) == (nfe, evals)
+
+
 # ---- command line ----------------------------------------------------------------------------------
 
 
