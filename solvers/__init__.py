@@ -158,6 +158,13 @@ SOLVERS.add("er_sde", _P + "er_sde:ERSDE", "ER-SDE-Solver-3, extended reverse SD
                       "max_stage": "highest Taylor stage: 1, 2 or 3",
                       "third_order": "D' at stage 3: reference (the paper's backward difference, order 2) or taylor "
                                      "(order 3)"})
+_SEEDS = {"stages": "2 (SEEDS-2) or 3 (SEEDS-3)", "eta": _ETA, "s_noise": "scale of the drawn noise",
+          "r": "SEEDS-2 stage point in (0, 1]", "solver_type": "SEEDS-2 final combination: phi_1 or phi_2",
+          "r_1": "SEEDS-3 first stage point", "r_2": "SEEDS-3 second stage point (r_1 < r_2 <= 1)"}
+SOLVERS.add("seeds_2", _P + "seeds:SEEDS", "SEEDS-2 exponential SDE solver, data prediction (arXiv 2305.14267, "
+            "ComfyUI seeds_2); 2 NFE/step; stochastic (eta=0: order 2)", meanings=_SEEDS, stages=2)
+SOLVERS.add("seeds_3", _P + "seeds:SEEDS", "SEEDS-3 exponential SDE solver, data prediction (arXiv 2305.14267, "
+            "ComfyUI seeds_3); 3 NFE/step; stochastic (eta=0: order 3)", meanings=_SEEDS, stages=3)
 SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
