@@ -327,3 +327,13 @@ def test_short_runs_and_flow_grids_from_t_1(name):
                                                     noise_fn=SeededNoiseFn(range(16), (8,), dtype=torch.float64))
             assert torch.isfinite(result.x).all(), (name, ns, steps)
             assert len(calls) == solver.nfe(result.grid), (name, ns, steps)
+
+
+def test_noise_acting_terms_switch_to_the_ancestral_forms():
+    """A noise-acting guidance term (NoiseTilt, SVDD) runs res_multistep / dpm_2 as their ancestral forms."""
+    from diffsample.samplers.stochastic_variant import stochastic_variant
+
+    for name, ancestral in (("res_multistep", "res_multistep_ancestral"), ("dpm_2", "dpm_2_ancestral")):
+        variant = stochastic_variant(name)
+        assert SOLVERS.create(str(variant)) == SOLVERS.create(ancestral)
+    assert stochastic_variant("ipndm") is None and stochastic_variant("deis") is None
