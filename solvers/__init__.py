@@ -110,9 +110,9 @@ def _stein_options(values: dict) -> dict:
 
 SOLVERS: Registry = Registry("solver")
 SOLVERS.add("euler", _P + "euler:Euler", "Euler / DDIM (eta=0), = DPM-Solver++(1); order 1, 1 NFE/step",
-            aliases=("ddim",), meanings={"eta": _ETA + " (DDIM's eta)"}, eta=0.0)
+            aliases=("ddim", "k_euler", "sample_euler"), meanings={"eta": _ETA + " (DDIM's eta)"}, eta=0.0)
 SOLVERS.add("euler_ancestral", _P + "euler:Euler", "ancestral Euler (eta=1) = DDPM posterior step; stochastic",
-            aliases=("ddpm",),
+            aliases=("ddpm", "k_euler_a", "euler_a", "sample_euler_ancestral"),
             meanings={"eta": _ETA}, eta=1.0)
 SOLVERS.add("flow_sde", _P + "flow_sde:FlowSDE",
             "rectified-flow SDE, g = 0.7 sqrt(t/(1-t)) (Flow-GRPO); flow models only; stochastic",
@@ -128,15 +128,19 @@ SOLVERS.add("tcd", _P + "consistency:TCD", "TCD strategic stochastic sampling: j
             "re-noise to t_next (arXiv 2402.19159); gamma=0 is DDIM; stochastic for gamma > 0",
             meanings={"gamma": "stochasticity in [0, 1] (diffusers' eta): 0 deterministic (DDIM), 1 re-noise from x0"},
             gamma=0.3)
-SOLVERS.add("heun", _P + "heun:Heun", "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)")
+SOLVERS.add("heun", _P + "heun:Heun", "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)",
+            aliases=("k_heun", "sample_heun"))
 SOLVERS.add("dpmpp_2m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) multistep; order 2, 1 NFE/step",
-            meanings=_DPM, order=2)
+            aliases=("k_dpmpp_2m", "sample_dpmpp_2m"), meanings=_DPM, order=2)
 SOLVERS.add("dpmpp_3m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) multistep; order 3, 1 NFE/step",
             meanings=_DPM, order=3)
 SOLVERS.add("dpmpp_2m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) SDE (eta=1, midpoint); stochastic",
-            meanings=_DPM, order=2, eta=1.0)
+            aliases=("dpmpp_2m_sde_gpu", "k_dpmpp_2m_sde", "sample_dpmpp_2m_sde"), meanings=_DPM, order=2, eta=1.0)
+SOLVERS.add("dpmpp_2m_sde_heun", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) SDE, Heun-type second-order term "
+            "(eta=1, ComfyUI dpmpp_2m_sde_heun); stochastic", aliases=("dpmpp_2m_sde_heun_gpu", "k_dpmpp_2m_sde_heun"),
+            meanings=_DPM, order=2, eta=1.0, solver_type="heun")
 SOLVERS.add("dpmpp_3m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) SDE (eta=1); stochastic",
-            meanings=_DPM, order=3, eta=1.0)
+            aliases=("dpmpp_3m_sde_gpu", "k_dpmpp_3m_sde", "sample_dpmpp_3m_sde"), meanings=_DPM, order=3, eta=1.0)
 SOLVERS.add("dpmpp_2s_ancestral", _P + "dpmpp_2s_ancestral:DPMSolverPP2SAncestral", "DPM-Solver++(2S) + ancestral "
             "noise (k-diffusion sample_dpmpp_2s_ancestral); 2 NFE/step; stochastic (eta=0: order 2)",
             meanings={"eta": _ETA, "s_noise": "scale of the drawn noise (k-diffusion's s_noise)"}, eta=1.0)
@@ -168,7 +172,11 @@ SOLVERS.add("seeds_3", _P + "seeds:SEEDS", "SEEDS-3 exponential SDE solver, data
 SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh1")
 SOLVERS.add("unipc_bh2", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=e^h-1; order 3, 1 NFE/step",
-            meanings=_UNIPC, predictor_order=2, variant="bh2")
+            aliases=("unipc",), meanings=_UNIPC, predictor_order=2, variant="bh2")
+SOLVERS.add("uni_pc", _P + "unipc:UniPC", "ComfyUI uni_pc: UniPC-3 with UniC corrector, B(h)=h; order 4, 1 NFE/step",
+            meanings=_UNIPC, predictor_order=3, variant="bh1")
+SOLVERS.add("uni_pc_bh2", _P + "unipc:UniPC", "ComfyUI uni_pc_bh2: UniPC-3 with UniC corrector, B(h)=e^h-1; order 4, "
+            "1 NFE/step", meanings=_UNIPC, predictor_order=3, variant="bh2")
 SOLVERS.add("ipndm", _P + "ipndm:IPNDM", "iPNDM: uniform-step Adams-Bashforth (up to 4 past eps) in VE sigma "
             "(arXiv 2204.13902, diff-sampler); order 2 on non-uniform grids, 1 NFE/step",
             meanings={"max_order": "past slopes used (1-4)", "variable": "step-ratio weights (iPNDM_v)"})
@@ -257,6 +265,55 @@ STEP_SCHEDULES.add("csflow", _P + "csflow:CSFlow",
                                          "imagenet_256 with a warning)",
                              "base": "fine grid / default spacing: flow (uniform in alpha/(alpha+sigma), the paper's) "
                                      "or model (uniform in the model's time)"})
+
+STEP_SCHEDULES.add("simple", _P + "step_schedules_table:Simple",
+                   "ComfyUI simple: every N/n-th training timestep from the noisiest")
+STEP_SCHEDULES.add("normal", _P + "step_schedules_table:Normal",
+                   "ComfyUI normal / A1111 uniform: n times uniform over the training range, both ends",
+                   aliases=("uniform",), meanings={"sgm": "drop the cleanest point of n + 1 (sgm_uniform)"})
+STEP_SCHEDULES.add("sgm_uniform", _P + "step_schedules_table:Normal",
+                   "ComfyUI sgm_uniform: linspace(t_max, t_min, n + 1) without its last point",
+                   meanings={"sgm": "drop the cleanest point of n + 1 (true here; false: normal)"}, sgm=True)
+STEP_SCHEDULES.add("ddim_uniform", _P + "step_schedules_table:DDIMUniform",
+                   "ComfyUI ddim_uniform: timesteps 1 + k (N // n) (= diffusers DDIM leading, steps_offset=1)")
+STEP_SCHEDULES.add("beta", _P + "step_schedules_table:Beta",
+                   "Beta(0.6, 0.6) quantiles of the training timesteps (arXiv 2407.12173, ComfyUI beta)",
+                   meanings={"alpha": "Beta distribution alpha (> 0; < 1: more steps at high noise)",
+                             "beta": "Beta distribution beta (> 0; < 1: more steps at low noise)"})
+STEP_SCHEDULES.add("sd_turbo", _P + "step_schedules_table:SDTurbo",
+                   "SD-Turbo: timesteps 999, 899, ..., the first n (ComfyUI SDTurboScheduler; n > 10: trailing)",
+                   aliases=("turbo",))
+STEP_SCHEDULES.add("kl_optimal", _P + "step_schedules_sigma:KLOptimal",
+                   "KL-optimal: uniform in arctan(VE sigma) (AYS Theorem 3.1, arXiv 2404.14507)",
+                   meanings=_SIGMA_RANGE)
+STEP_SCHEDULES.add("laplace", _P + "step_schedules_sigma:Laplace",
+                   "Laplace: log sigma at Laplace(mu, beta) quantiles, clipped to the range (k-diffusion / ComfyUI)",
+                   meanings={"mu": "log VE sigma where steps concentrate", "beta": "spread in log sigma (> 0)",
+                             **_SIGMA_RANGE})
+STEP_SCHEDULES.add("vp", _P + "step_schedules_sigma:VPSigmas",
+                   "k-diffusion get_sigmas_vp: uniform in the linear-beta VP-SDE time (cut to the process's range)",
+                   meanings={"beta_d": "beta_max - beta_min of the VP SDE (>= 0)", "beta_min": "beta_min (>= 0)",
+                             "eps_s": "smallest VP-SDE time, in (0, 1)"})
+STEP_SCHEDULES.add("linear_quadratic", _P + "step_schedules_sigma:LinearQuadratic",
+                   "Mochi linear-quadratic (ComfyUI linear_quadratic): n//2 small linear steps, then quadratic; "
+                   "model sigma = u sigma_max (flow time on rectified flow)",
+                   meanings={"threshold_noise": "noise fraction reached by the linear part, in (0, 0.5)",
+                             "linear_steps": "points in the linear part, in [1, n - 1] (None: n // 2)"})
+STEP_SCHEDULES.add("align_your_steps", _P + "step_schedules_tuned:AlignYourSteps",
+                   "Align Your Steps: the paper's tuned sigmas (sd15, sdxl, svd), log-linear to any n "
+                   "(arXiv 2404.14507)", aliases=("ays",),
+                   meanings={"model": "tuned table: sd15, sdxl or svd (VE sigmas of that model)"})
+STEP_SCHEDULES.add("gits", _P + "step_schedules_tuned:GITS",
+                   "GITS: the authors' DP schedules for SD 1.5 sigmas, coeff 0.80-1.50, 2-20 steps, log-linear beyond "
+                   "(arXiv 2405.11326)", meanings={"coeff": "DP coefficient: 0.80 to 1.50 in steps of 0.05"})
+STEP_SCHEDULES.add("sigmas", _P + "step_schedules_explicit:Sigmas",
+                   "explicit model sigmas, noisiest first, optional final 0 (VE sigma; flow t on rectified flow); "
+                   "steps = their count", aliases=("custom_sigmas",),
+                   meanings={"values": "list, e.g. [14.6,6.0,2.0,0.5,0]"})
+STEP_SCHEDULES.add("timesteps", _P + "step_schedules_explicit:Timesteps",
+                   "explicit times in the noise schedule's unit (diffusers timesteps), noisiest first; "
+                   "steps = their count", aliases=("custom_timesteps",),
+                   meanings={"values": "list, e.g. [999,850,736,645,545,455,343,233,124,24]"})
 
 # ---- the numerics, imported on first access ----------------------------------------------------------
 
