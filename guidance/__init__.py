@@ -176,12 +176,13 @@ def _jeffrey(resources: Resources, target=None, model_marginal=None, estimator: 
 
 
 def _noisetilt(resources: Resources, reward="class_logp", rho: str = "beta_matched", strength: float = 1.0,
-               beta: float = 1.0, grad_wrt: str = "x_t", tile: int = 8, whiten_alpha: float = 1e-4) -> Guidance:
+               beta: float = 1.0, grad_wrt: str = "x_t", tile: int = 8, whiten_alpha: float = 1e-4,
+               schedule: tuple = (), width: int = 20, whitening: str = "2os") -> Guidance:
     from diffsample.guidance.noisetilt import NoiseTilt
     from diffsample.guidance.rewards import reward_from_spec
 
     return NoiseTilt(reward_from_spec(reward, resources), str(rho), float(strength), float(beta), str(grad_wrt),
-                     resources.decode, int(tile), float(whiten_alpha))
+                     resources.decode, int(tile), float(whiten_alpha), schedule, width, str(whitening))
 
 
 def _dps(resources: Resources, reward="class_logp", scale: float = 1.0, normalize: bool = False,
@@ -266,11 +267,14 @@ _MEANINGS: dict[str, dict[str, str]] = {
                           "grad_clip": "clip of the correction's norm per sample (None: off)",
                           "logit_clip": "clip of the ratio classifier's logit (None: off)"},
     "noisetilt": {"reward": _REWARD,
-                  "rho": "tilt schedule: beta_matched, constant or linear_decay",
+                  "rho": "tilt schedule: beta_matched, constant, linear_decay, schedule or search_matched",
                   "strength": "in [0, 1]: the constant rho, or a multiplier of the matched / decaying one",
                   "beta": "KL temperature of the target p0 exp(r / beta), in reward units (> 0)",
                   "grad_wrt": _GRAD_WRT, "tile": "whitening tile size (pixels)",
-                  "whiten_alpha": "whitening regulariser (> 0)"},
+                  "whiten_alpha": "whitening regulariser (> 0)",
+                  "schedule": "rho=schedule: per-step rho values [V0,V1,...] over the run, interpolated",
+                  "width": "rho=search_matched: match a best-of-width search per step (>= 1)",
+                  "whitening": "W: 2os (the paper's), rfft (flattened FFT, blocks of 16), normalize or identity"},
     "dps": {"reward": _REWARD, "scale": "step size on the reward gradient (1 / beta: the naive tilt match)",
             "normalize": "divide the gradient by its per-sample RMS", "grad_wrt": _GRAD_WRT, **_WINDOW},
     "freedom": {"reward": _REWARD, "scale": "step size on the reward gradient",

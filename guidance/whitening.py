@@ -49,7 +49,11 @@ from torch import Tensor
 _TOL = 1e-7  # 2OS fixed point: max entry change, on the unit-variance (standardized) scale
 
 
-def whiten(g: Tensor, *, tile: int = 8, alpha: float = 1e-4, alternations: int = 3, max_passes: int = 10) -> Tensor:
+DOMAINS = ("dct", "rfft")
+
+
+def whiten(g: Tensor, *, tile: int = 8, alpha: float = 1e-4, alternations: int = 3, max_passes: int = 10,
+           domain: str = "dct") -> Tensor:
     """``W``: maps each row of ``g`` (``(B, *dims)``) to a vector in the typical set of
     ``N(0, I_N)``, ``N = prod(dims)``, keeping its direction as far as possible.
 
@@ -76,6 +80,10 @@ def whiten(g: Tensor, *, tile: int = 8, alpha: float = 1e-4, alternations: int =
         alpha: two-sided level of every order-statistic interval.
         alternations: rounds of (value, DCT) projections before the final value projection.
         max_passes: cap on 2OS passes per domain projection.
+        domain: ``"dct"`` (default: the layouts of the module docstring) or ``"rfft"``: the
+            WGNC-style layout of the same group's earlier whitening (arXiv 2602.08646): every row
+            flattened, tiles of ``tile**2`` contiguous entries (16 for ``tile=4``) in the value
+            domain and in the orthonormal real FFT of the flattened row (:func:`rfft_real`).
 
     Returns:
         ``(B, *dims)`` in ``g``'s dtype and device, computed in float64. A constant row (e.g. an
@@ -92,6 +100,8 @@ def whiten(g: Tensor, *, tile: int = 8, alpha: float = 1e-4, alternations: int =
     if tile < 1 or alternations < 0 or max_passes < 1:
         raise ValueError(f"whiten: need tile >= 1, alternations >= 0, max_passes >= 1; "
                          f"got {tile}, {alternations}, {max_passes}")
+    if domain not in DOMAINS:
+        raise ValueError(f"whiten: unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
     if g.ndim < 2 or math.prod(g.shape[1:]) < 2 or not g.is_floating_point():
         raise ValueError(f"whiten: g must be a floating (B, *dims) tensor with >= 2 entries per row, "
                          f"got {g.dtype} {tuple(g.shape)}")
@@ -102,7 +112,8 @@ def whiten(g: Tensor, *, tile: int = 8, alpha: float = 1e-4, alternations: int =
     out = torch.zeros_like(x)
     live = x.amax(1) > x.amin(1)  # constant rows stay zero
     if live.any():
-        grid = _grid(tuple(g.shape[1:]), tile)
+        dims = tuple(g.shape[1:])
+        grid = _grid(dims, tile) if domain == "dct" else _grid((math.prod(dims),), tile, rfft=True)
         bounds = _bounds(grid.m, grid.d, float(alpha), x.device)
         y = x[live].reshape(-1, *grid.shape)
         for _ in range(alternations):
@@ -226,6 +237,7 @@ class _Grid:
 
     shape: tuple[int, ...]
     side: int
+    rfft: bool = False  # frequency domain: the packed real FFT of the flat row instead of the DCT
 
     @property
     def image(self) -> bool:
@@ -252,15 +264,40 @@ class _Grid:
         return a.reshape(-1, c, h // t, w // t, t, t).transpose(3, 4).reshape(-1, c, h, w)
 
     def dct(self, x: Tensor, inverse: bool = False) -> Tensor:
+        if self.rfft:
+            return rfft_real(x, inverse)
         x = _dct(x, inverse)
         return _dct(x.transpose(-1, -2), inverse).transpose(-1, -2) if self.image else x
 
 
-def _grid(dims: tuple[int, ...], tile: int) -> _Grid:
-    if len(dims) == 3 and dims[1] % tile == 0 and dims[2] % tile == 0:
+def _grid(dims: tuple[int, ...], tile: int, rfft: bool = False) -> _Grid:
+    if len(dims) == 3 and dims[1] % tile == 0 and dims[2] % tile == 0 and not rfft:
         return _Grid(dims, tile)
     n = math.prod(dims)
-    return _Grid((n,), max(k for k in range(1, min(n, tile * tile) + 1) if n % k == 0))
+    return _Grid((n,), max(k for k in range(1, min(n, tile * tile) + 1) if n % k == 0), rfft)
+
+
+def rfft_real(x: Tensor, inverse: bool = False) -> Tensor:
+    """Orthonormal real FFT of the last dim, packed into ``n`` reals: ``Re X_0``, then
+    ``sqrt(2) Re X_k, sqrt(2) Im X_k`` for ``0 < k < n / 2``, then ``Re X_{n/2}`` for even ``n``
+    (``X = torch.fft.rfft(x, norm="ortho")``). An orthogonal map, so ``N(0, I)`` stays ``N(0, I)``;
+    ``inverse=True`` undoes it."""
+    n = x.shape[-1]
+    half = (n - 1) // 2
+    r2 = math.sqrt(2.0)
+    if not inverse:
+        f = torch.fft.rfft(x, norm="ortho")
+        parts = [f[..., :1].real, torch.stack([f[..., 1:half + 1].real, f[..., 1:half + 1].imag], -1).flatten(-2) * r2]
+        if n % 2 == 0:
+            parts.append(f[..., n // 2:n // 2 + 1].real)
+        return torch.cat(parts, -1)
+    pairs = x[..., 1:1 + 2 * half].unflatten(-1, (half, 2)) / r2
+    body = torch.complex(pairs[..., 0], pairs[..., 1])
+    zero = torch.zeros_like(x[..., :1])
+    parts = [torch.complex(x[..., :1], zero), body]
+    if n % 2 == 0:
+        parts.append(torch.complex(x[..., -1:], zero))
+    return torch.fft.irfft(torch.cat(parts, -1), n=n, norm="ortho")
 
 
 def _dct(x: Tensor, inverse: bool = False) -> Tensor:
