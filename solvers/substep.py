@@ -1,4 +1,5 @@
-"""Noise draws that do not end on a grid point: the intermediate stages of multi-stage SDE solvers.
+"""Noise draws that do not end on a grid point: the intermediate stages of multi-stage SDE solvers
+(docs/methods/stochastic_solvers_breadth.md).
 
 The transition hook (:mod:`diffsample.solvers.transition`) is told the kernel of grid step ``i``
 as ``(mean, std, grid, i)``: the draw starts at point ``i`` and lands at point ``i + 1``. A
