@@ -191,8 +191,9 @@ SOLVERS.add("ipndm_v", _P + "ipndm:IPNDM", "iPNDM_v: iPNDM with step-ratio weigh
             variable=True)
 SOLVERS.add("deis", _P + "deis:DEIS", "DEIS multistep: eps polynomial in log rho integrated exactly in rho "
             "(arXiv 2204.13902, diffusers DEISMultistepScheduler); order 3, 1 NFE/step", aliases=("deis_multistep",),
-            meanings={"order": "past eps used (1-4)", "basis": "interpolation variable: log_rho (diffusers) or rho "
-                      "(rhoAB, = lms)", "lower_order_final": "orders 1 and 2 on the last two steps of runs under 15 "
+            meanings={"order": "past eps used (1-4)", "basis": "interpolation variable: log_rho (diffusers), rho "
+                      "(rhoAB, = lms) or tab (a fixed VP time; ComfyUI's deis)",
+                      "lower_order_final": "orders 1 and 2 on the last two steps of runs under 15 "
                       "steps (diffusers)"})
 SOLVERS.add("lms", _P + "lms:LMS", "LMS: variable-step Adams-Bashforth in VE sigma (k-diffusion sample_lms); order 4, "
             "1 NFE/step", meanings={"order": "past slopes used (1-4)"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 from torch import Tensor
@@ -59,15 +59,16 @@ def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.polynomial.legendre.leggauss(n)
 
 
-def lagrange_integrals(nodes: list[float], a: float, b: float, basis: str = "sigma") -> list[float]:
-    """``int_a^b L_j(u(s)) ds`` for the Lagrange basis polynomials ``L_j`` through ``nodes`` (VE sigmas,
-    newest first), with the interpolation variable ``u = s`` (``basis="sigma"``) or ``u = log s``
-    (``basis="log_sigma"``).
+def lagrange_integrals(nodes: list[float], a: float, b: float,
+                       basis: str | Callable[[np.ndarray], np.ndarray] = "sigma") -> list[float]:
+    """``int_a^b L_j(u(s)) ds`` for the Lagrange basis polynomials ``L_j`` through ``u(nodes)`` (``nodes``:
+    VE sigmas, newest first), with the interpolation variable ``u = s`` (``basis="sigma"``),
+    ``u = log s`` (``"log_sigma"``) or any smooth increasing ``u(s)`` given as a callable on arrays.
 
     Gauss-Legendre quadrature: with ``u = s`` the integrand is a polynomial of degree ``< len(nodes)``
-    and 8 nodes integrate it exactly; with ``u = log s`` the integral is taken over ``v = log s``
-    (integrand ``L_j(v) e^v``, smooth), with 24 nodes (relative error below 1e-13 on the intervals
-    of any grid here). ``b = 0`` is allowed with ``basis="sigma"`` only.
+    and 8 nodes integrate it exactly; otherwise the integral is taken over ``v = log s`` (integrand
+    ``L_j(u(e^v)) e^v``, smooth) with 24 nodes (relative error below 1e-12 on the intervals of any
+    grid here). ``b = 0`` is allowed with ``basis="sigma"`` only.
 
     Returns:
         ``len(nodes)`` weights, in the order of ``nodes``; they sum to ``b - a``.
@@ -75,14 +76,16 @@ def lagrange_integrals(nodes: list[float], a: float, b: float, basis: str = "sig
     k = len(nodes)
     if basis == "sigma":
         t, w = _gauss_legendre(8)
-        u_nodes, lo, hi = list(nodes), a, b
+        u = 0.5 * (b - a) * t + 0.5 * (b + a)
+        weight = 0.5 * (b - a) * w
+        u_nodes = np.asarray(nodes, dtype=np.float64)
     else:
+        u_of = np.log if basis == "log_sigma" else basis
         t, w = _gauss_legendre(24)
-        u_nodes, lo, hi = [math.log(v) for v in nodes], math.log(a), math.log(b)
-    u = 0.5 * (hi - lo) * t + 0.5 * (hi + lo)
-    weight = 0.5 * (hi - lo) * w
-    if basis != "sigma":
-        weight = weight * np.exp(u)  # ds = e^v dv
+        lo, hi = math.log(a), math.log(b)
+        v = 0.5 * (hi - lo) * t + 0.5 * (hi + lo)
+        weight = 0.5 * (hi - lo) * w * np.exp(v)  # ds = e^v dv
+        u, u_nodes = u_of(np.exp(v)), u_of(np.asarray(nodes, dtype=np.float64))
     out = []
     for j in range(k):
         poly = np.ones_like(u)

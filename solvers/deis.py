@@ -6,10 +6,27 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from torch import Tensor
 
 from diffsample.solvers._ve_multistep import SlopeHistory, eps_of, lagrange_integrals, ve_step
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+
+
+# tAB-DEIS's time: the VP time of a fixed linear-beta VP process whose VE sigma spans EDM's [0.002, 80] on
+# [1e-3, 1] (zju-pi/diff-sampler ``edm2t``, which ComfyUI's ``deis`` uses for every model).
+_EPS_S, _TAB_SIGMA_MIN, _TAB_SIGMA_MAX = 1e-3, 0.002, 80.0
+_TAB_BETA_D = 2 * (math.log1p(_TAB_SIGMA_MIN**2) / _EPS_S - math.log1p(_TAB_SIGMA_MAX**2)) / (_EPS_S - 1)
+_TAB_BETA_MIN = math.log1p(_TAB_SIGMA_MAX**2) - 0.5 * _TAB_BETA_D
+
+
+def tab_time(s: np.ndarray) -> np.ndarray:
+    """tAB-DEIS's interpolation time of the VE sigmas ``s``: ``t`` with ``e^{beta_d t^2 / 2 + beta_min t} - 1
+    = s^2`` for the fixed VP of diff-sampler's ``edm2t`` (``beta_d ~ 17.5``, ``beta_min ~ -0.006``)."""
+    return (np.sqrt(_TAB_BETA_MIN**2 + 2 * _TAB_BETA_D * np.log1p(np.asarray(s) ** 2)) - _TAB_BETA_MIN) / _TAB_BETA_D
+
+
+_BASES = {"log_rho": "log_sigma", "rho": "sigma", "tab": tab_time}
 
 
 @dataclass(frozen=True)
@@ -24,10 +41,12 @@ class DEIS:
     ``y_{i+1} = y_i + sum_{j < k} eps_{i-j} int_{rho_i}^{rho_{i+1}} L_j(u(rho)) drho``
 
     where ``L_j`` are the Lagrange basis polynomials in ``u = log rho`` (``basis="log_rho"``,
-    diffusers' ``solver_type="logrho"``, the default) or ``u = rho`` (``basis="rho"``, the paper's
-    rhoAB and zju-pi/diff-sampler's ``deis_mode="rhoab"``; the same update as ``lms``).
-    ``k = min(order, i + 1)`` while the history builds up. The weights are computed by
-    Gauss-Legendre quadrature (exact for ``basis="rho"``, relative error < 1e-13 for ``log_rho``).
+    diffusers' ``solver_type="logrho"``, the default), ``u = rho`` (``basis="rho"``, the paper's
+    rhoAB; the same update as ``lms``) or ``u`` = the time of a fixed VP process (``basis="tab"``, the
+    paper's tAB as zju-pi/diff-sampler's ``deis_mode="tab"`` and ComfyUI's ``deis`` compute it:
+    :func:`tab_time`). ``k = min(order, i + 1)`` while the history builds up. The weights are
+    computed by Gauss-Legendre quadrature (exact for ``rho``, relative error < 1e-12 otherwise;
+    diff-sampler sums 10,000 points for ``tab``, which is accurate to about 1e-4).
 
     The step to ``sigma = 0`` is ``x = D`` (first order; ``log rho`` is unbounded there).
     ``lower_order_final`` lowers the last two steps to orders 1 and 2 on runs under 15 steps, as
@@ -42,14 +61,14 @@ class DEIS:
     """
 
     order: int = 3
-    basis: Literal["log_rho", "rho"] = "log_rho"
+    basis: Literal["log_rho", "rho", "tab"] = "log_rho"
     lower_order_final: bool = True
 
     def __post_init__(self) -> None:
         if self.order not in (1, 2, 3, 4):
             raise ValueError(f"DEIS order must be 1, 2, 3 or 4, got {self.order!r}")
-        if self.basis not in ("log_rho", "rho"):
-            raise ValueError(f"DEIS basis must be 'log_rho' or 'rho', got {self.basis!r}")
+        if self.basis not in _BASES:
+            raise ValueError(f"DEIS basis must be one of {', '.join(_BASES)}; got {self.basis!r}")
 
     @property
     def stochastic(self) -> bool:
@@ -79,6 +98,6 @@ class DEIS:
             order = min(order, grid.steps - i)
         if order == 1:
             return ve_step(denoised, d, alpha_next, s, s_next), history
-        integrals = lagrange_integrals(list(history.s[:order]), s, s_next, "log_sigma" if self.basis == "log_rho" else "sigma")
+        integrals = lagrange_integrals(list(history.s[:order]), s, s_next, _BASES[self.basis])
         weights = [c / (s_next - s) for c in integrals]
         return ve_step(denoised, d, alpha_next, s, s_next, weights, history.d[1:order]), history
