@@ -108,8 +108,9 @@ class SASolver:
       ``min(corrector_order, predictor_order + 1)`` (the corrector sets it; measured on Gaussian data).
     * ``tau = 1``: the reverse SDE; weakly first order.
 
-    Stages: 1 denoiser call per step. Cross-checked against diffusers with the same noise
-    (tests/solvers/test_breadth_sde_sa.py).
+    Stages: 1 denoiser call per step. ``pece=True`` (ComfyUI's ``sa_solver_pece``) evaluates the
+    corrected state again and the predictor uses that evaluation: 2 calls on every corrected step.
+    Cross-checked against diffusers with the same noise (tests/solvers/test_breadth_sde_sa.py).
 
     Raises:
         ValueError: orders outside 1-4, ``tau < 0``, a bad ``tau_sigma_range``.
@@ -120,6 +121,7 @@ class SASolver:
     tau: float = 1.0
     tau_sigma_range: tuple[float, float] | list[float] | str | None = None
     lower_order_final: bool = True
+    pece: bool = False
 
     def __post_init__(self) -> None:
         for name in ("predictor_order", "corrector_order"):
@@ -151,7 +153,9 @@ class SASolver:
         return SAState()
 
     def nfe(self, grid: Grid) -> int:
-        return grid.steps
+        if not self.pece:
+            return grid.steps
+        return grid.steps + sum(1 for i in range(1, grid.steps) if grid.alpha_list[i - 1] > 0)
 
     def tau_at(self, grid: Grid, i: int) -> float:
         """``tau`` of step ``i`` (0 outside ``tau_sigma_range``)."""
@@ -191,6 +195,8 @@ class SASolver:
             # Corrector: redo the last step with D(x_i) as a new node and the predictor's noise.
             x = self._update(state.start, grid, i - 1, i, (denoised,) + state.denoised, (grid.lambda_list[i],) +
                              state.lambda_, state.corrector_order, state.tau, corrector=True) + state.noise
+            if self.pece:  # evaluate the corrected state; the predictor uses that evaluation
+                denoised = call_denoise(denoise, x, grid.t_list[i])
         hist_d, hist_l = (denoised,) + state.denoised[: keep - 1], (grid.lambda_list[i],) + state.lambda_[: keep - 1]
         alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
         if sigma_next == 0.0:

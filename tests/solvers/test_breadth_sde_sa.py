@@ -115,6 +115,18 @@ def test_noise_free_order(orders, expected):
     assert abs(slope - expected) < 0.3, f"slope {slope:.2f}, errors {errors}"
 
 
+@pytest.mark.parametrize("orders,expected", [((1, 2), 2), ((2, 3), 3), ((3, 4), 4)])
+def test_pece_noise_free_order_and_calls(orders, expected):
+    """PECE (ComfyUI's sa_solver_pece) re-evaluates every corrected state: same order, one more call
+    per corrected step."""
+    solver = SASolver(*orders, tau=0.0, lower_order_final=False, pece=True)
+    slope, errors = measured_order(solver, LinearVP())
+    assert abs(slope - expected) < 0.3, f"slope {slope:.2f}, errors {errors}"
+    res = Sampler(solver, fixed([800.0, 500.0, 200.0, 50.0]), 4)(GMM.denoiser(DiscreteVP.from_config(SD_BETAS)),
+                                                                   torch.randn(4, 8, dtype=torch.float64))
+    assert res.nfe == solver.nfe(res.grid) == 4 + 3
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="predictor_order must be 1, 2, 3 or 4"):
         SASolver(predictor_order=5)

@@ -19,7 +19,8 @@ from diffsample.samplers.denoisers import ModelDenoiser
 from diffsample.solvers import SOLVERS, DiscreteVP, Karras, LinearVP
 from diffsample.testbed.gmm import GaussianMixture
 
-BREADTH = [n for n in ("dpmpp_2s_ancestral", "dpmpp_sde", "sa_solver", "er_sde", "seeds_2", "seeds_3", "restart")
+BREADTH = [n for n in ("dpmpp_2s_ancestral", "dpmpp_sde", "sa_solver", "sa_solver_pece", "er_sde", "seeds_2", "seeds_3",
+                     "restart")
            if n in SOLVERS]
 
 MU, S = torch.tensor([0.5, -0.3, 1.2], dtype=torch.float64), 0.4
