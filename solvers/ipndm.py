@@ -67,6 +67,9 @@ class IPNDM:
     uniform in VE sigma. iPNDM_v is also second order on Karras grids (its 4th-order weights are
     inconsistent off a geometric grid). Their strength is the error constant at 5-10 steps, not
     the asymptotic order. The exact variable-step Adams-Bashforth in sigma is ``lms`` (order 4).
+    On grids whose consecutive steps differ by large factors the fixed weights extrapolate far off
+    (MNIST, 5-step ``csflow`` grid, first step 40x the second: FD 62 against 1.2 for iPNDM_v; see
+    docs/methods/solvers_breadth.md); use ``variable=True``, ``deis`` or ``lms`` there.
 
     Stages: 1 denoiser call per step. Deterministic.
 
