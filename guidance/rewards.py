@@ -158,6 +158,34 @@ class Ink:
         return ((x0 - self.low) / (self.high - self.low)).flatten(1).mean(1)
 
 
+@dataclass(frozen=True, eq=False)
+class TemplateScore:
+    """Smooth template score ``r(x0) = scale * <template, x0>`` (sum over all non-batch dims): a
+    linear, non-saturating reward (unlike ``class_logp``, which saturates at 0), whose exactly tilted
+    target is closed form on Gaussian testbeds (``testbed/random_field.py``). ``template`` has the
+    sample shape ``dims``; ``x0`` is ``(B, *dims)``; units: those of ``scale * template * x0``.
+
+    Raises:
+        ValueError: a template that is not a floating tensor, or a non-finite ``scale``.
+    """
+
+    template: Tensor
+    scale: float = 1.0
+    name: str = "template"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.template, Tensor) or not self.template.is_floating_point():
+            raise ValueError(f"template: the template must be a floating-point tensor, got {type(self.template).__name__}")
+        if not torch.isfinite(torch.tensor(float(self.scale))):
+            raise ValueError(f"template: scale must be finite, got {self.scale}")
+
+    def __call__(self, x0: Tensor, cond: Cond | None = None) -> Tensor:
+        if tuple(x0.shape[1:]) != tuple(self.template.shape):
+            raise RewardError(f"reward 'template': samples of shape {tuple(x0.shape[1:])}, template of shape "
+                              f"{tuple(self.template.shape)}")
+        return self.scale * (x0 * self.template.to(x0)).flatten(1).sum(1)
+
+
 def _class_logp(resources: Resources, label: int | None = None, classifier: str = "noisy", t0: float = 0.0) -> Reward:
     model = resources.classifier if classifier == "noisy" else resources.clean_classifier
     if classifier not in ("noisy", "clean"):

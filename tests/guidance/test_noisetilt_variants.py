@@ -139,3 +139,19 @@ def test_registry_accepts_the_new_options_and_refuses_bad_ones():
         NoiseTilt(lambda x: x.sum(1), rho="search_matched", width=0)
     with pytest.raises(ValueError, match="unknown domain"):
         whiten(torch.randn(2, 16), domain="wavelet")
+
+
+def test_template_score_value_gradient_and_errors():
+    from diffsample.guidance.rewards import RewardError, TemplateScore
+
+    t = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    r = TemplateScore(t, scale=2.0)
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+    value = r(x)
+    assert torch.allclose(value, 2.0 * (x * t).sum((1, 2, 3)))
+    (grad,) = torch.autograd.grad(value.sum(), x)
+    assert torch.allclose(grad, 2.0 * t.expand(3, 1, 4, 4))
+    with pytest.raises(RewardError, match="template of shape"):
+        r(torch.zeros(2, 1, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="floating-point tensor"):
+        TemplateScore([1.0, 2.0])
