@@ -143,9 +143,11 @@ SOLVERS.add("dpmpp_3m_sde", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) SDE
             aliases=("dpmpp_3m_sde_gpu", "k_dpmpp_3m_sde", "sample_dpmpp_3m_sde"), meanings=_DPM, order=3, eta=1.0)
 SOLVERS.add("dpmpp_2s_ancestral", _P + "dpmpp_2s_ancestral:DPMSolverPP2SAncestral", "DPM-Solver++(2S) + ancestral "
             "noise (k-diffusion sample_dpmpp_2s_ancestral); 2 NFE/step; stochastic (eta=0: order 2)",
+            aliases=("k_dpmpp_2s_a", "sample_dpmpp_2s_ancestral"),
             meanings={"eta": _ETA, "s_noise": "scale of the drawn noise (k-diffusion's s_noise)"}, eta=1.0)
 SOLVERS.add("dpmpp_sde", _P + "dpmpp_sde:DPMSolverPPSDE", "DPM-Solver++ SDE, single-step, two noisy stages "
-            "(k-diffusion sample_dpmpp_sde); 2 NFE/step; stochastic (eta=0: order 2)", aliases=("dpmpp_sde_gpu",),
+            "(k-diffusion sample_dpmpp_sde); 2 NFE/step; stochastic (eta=0: order 2)",
+            aliases=("dpmpp_sde_gpu", "k_dpmpp_sde", "sample_dpmpp_sde"),
             meanings={"eta": _ETA, "s_noise": "scale of the drawn noise (k-diffusion's s_noise)",
                       "r": "stage point lambda_i + r h, in (0, 1]",
                       "noise": "brownian (k-diffusion's Brownian-tree law of the two draws) or independent"}, eta=1.0)
@@ -205,15 +207,16 @@ SOLVERS.add("deis", _P + "deis:DEIS", "DEIS multistep: eps polynomial in log rho
                       "lower_order_final": "orders 1 and 2 on the last two steps of runs under 15 "
                       "steps (diffusers)"})
 SOLVERS.add("lms", _P + "lms:LMS", "LMS: variable-step Adams-Bashforth in VE sigma (k-diffusion sample_lms); order 4, "
-            "1 NFE/step", meanings={"order": "past slopes used (1-4)"})
+            "1 NFE/step", aliases=("k_lms", "sample_lms"), meanings={"order": "past slopes used (1-4)"})
 SOLVERS.add("res_multistep", _P + "res_multistep:ResMultistep", "RES two-step multistep, data prediction in lambda "
             "(arXiv 2308.02157, ComfyUI res_multistep); order 2, 1 NFE/step", meanings={"eta": _ETA}, eta=0.0)
 SOLVERS.add("res_multistep_ancestral", _P + "res_multistep:ResMultistep", "RES multistep + ancestral noise "
             "(ComfyUI res_multistep_ancestral); stochastic", meanings={"eta": _ETA}, eta=1.0)
 SOLVERS.add("dpm_2", _P + "dpm_2:DPM2", "DPM2: midpoint in log sigma (k-diffusion sample_dpm_2); order 2, "
-            "2 NFE/step", aliases=("dpm2",), meanings={"eta": _ETA}, eta=0.0)
+            "2 NFE/step", aliases=("dpm2", "k_dpm_2", "sample_dpm_2"), meanings={"eta": _ETA}, eta=0.0)
 SOLVERS.add("dpm_2_ancestral", _P + "dpm_2:DPM2", "DPM2 + ancestral noise (k-diffusion sample_dpm_2_ancestral); "
-            "2 NFE/step; stochastic", aliases=("dpm2_ancestral", "dpm2_a"), meanings={"eta": _ETA}, eta=1.0)
+            "2 NFE/step; stochastic", aliases=("dpm2_ancestral", "dpm2_a", "k_dpm_2_a", "sample_dpm_2_ancestral"),
+            meanings={"eta": _ETA}, eta=1.0)
 SOLVERS.add("heunpp2", _P + "heunpp:HeunPP2", "Heun++ (ComfyUI heunpp2): Euler/Heun/3-slope blend, sigma-weighted; "
             "order 1, 3 NFE/step", aliases=("heun_pp2",))
 SOLVERS.add("gradient_estimation", _P + "gradient_estimation:GradientEstimation", "gradient estimation: Euler + "
