@@ -25,6 +25,8 @@ _API = {
     "generate": "diffsample.run.generate",
     "GenerateResult": "diffsample.run.generate",
     "load_model": "diffsample.run.models",
+    "optimize_schedule": "diffsample.run.optimize",
+    "OptimizedSchedule": "diffsample.solvers.schedule_file",
     "attach": "diffsample.pipelines.attach",
     "detach": "diffsample.pipelines.attach",
     "sample_pipeline": "diffsample.pipelines.native_loop",

@@ -12,6 +12,7 @@ import click
 from diffsample.cli.errors import DiffsampleGroup
 from diffsample.cli.generate_cmd import generate_cmd
 from diffsample.cli.options import REGISTRIES, registry
+from diffsample.cli.optimize_cmd import optimize_cmd
 from diffsample.cli.spectrum_cmd import spectrum_cmd
 from diffsample.cli.sweep_cmd import sweep_cmd
 
@@ -97,6 +98,7 @@ def _print_entry(word: str, reg, name: str) -> None:
 main.add_command(generate_cmd)
 main.add_command(sweep_cmd)
 main.add_command(spectrum_cmd)
+main.add_command(optimize_cmd)
 
 if __name__ == "__main__":
     main()

@@ -34,16 +34,30 @@ def registry_spec(registry_name: str) -> Callable[[click.Context, click.Paramete
 
     def check(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         reg = registry(registry_name)
+        if registry_name == "schedules":
+            value = tuple(map(schedule_file_spec, value)) if isinstance(value, tuple) else schedule_file_spec(value)
         for spec in (value if isinstance(value, tuple) else (value,)):
             if spec is None:
                 continue
             try:
                 reg.check(spec)
+                if registry_name == "schedules" and spec.startswith("file:"):
+                    reg.create(spec)  # reads and checks the file now: a bad one is refused before any work
             except ValueError as exc:
                 raise click.BadParameter(str(exc)) from None
         return value
 
     return check
+
+
+def schedule_file_spec(value: Any) -> Any:
+    """``FILE.json`` (a name ending in ``.json``) as the step-schedule spec ``file:path=FILE.json``
+    (a schedule written by ``diffsample optimize-schedule``); anything else unchanged."""
+    if isinstance(value, str) and value.lower().endswith(".json") and not value.startswith("file:"):
+        from diffsample.core.spec import format_value
+
+        return f"file:path={format_value(value)}"
+    return value
 
 
 def int_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffsample.core.spec import Spec
 from diffsample.guidance import GUIDANCE
 from diffsample.guidance.composition import compose
 from diffsample.guidance.loop_hooks import collect_hooks
@@ -41,7 +42,8 @@ def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", p
     Raises:
         ValueError: unknown names (the message lists the valid ones), bad options or ``steps < 1``.
     """
-    return Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps, final=final, progress=progress,
+    step_schedule = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
+    return Sampler(SOLVERS.create(solver), step_schedule, steps, final=final, progress=progress,
                    stop=stop, stop_return=stop_return)
 
 
@@ -55,6 +57,8 @@ def schedule_for_model(schedule: "str | Spec", model: "str | LoadedModel | Pipel
     from diffsample.testbed import BUNDLED_MODELS, DEFAULT_MODEL
 
     name = DEFAULT_MODEL if model is None else getattr(model, "name", model)
+    if not isinstance(schedule, (str, Spec)):  # a step-schedule object (an optimised schedule)
+        return schedule
     spec = Spec.parse(schedule)
     if (not isinstance(name, str) or name not in BUNDLED_MODELS or name not in bundled_spectra()
             or "spectrum" in spec.options or not STEP_SCHEDULES.accepts(spec, "spectrum")):
@@ -185,7 +189,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     num_samples, batch_size = check_count("num_samples", num_samples), check_count("batch_size", batch_size)
     seed = check_seed_range(seed, num_samples)
     check_choice("dtype", dtype, DTYPES)
-    solver, schedule = check_spec("solver", solver), check_spec("schedule", schedule)
+    solver = check_spec("solver", solver)
+    schedule = schedule if callable(schedule) and not isinstance(schedule, str) else check_spec("schedule", schedule)
     schedule = schedule_for_model(schedule, model)  # csflow without spectrum=: the bundled model's spectrum
     guidance = check_specs("guidance", guidance)
     cfg_scale = check_scale("cfg_scale", cfg_scale)
@@ -220,6 +225,10 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     solver_spec, note = solver_for(solver, collect_hooks(guided))
     notes = [] if note is None else [note]
     notes += [line for line in (getattr(sampler.step_schedule, "note", None),) if line]  # e.g. csflow's default spectrum
+    mismatch = getattr(sampler.step_schedule, "mismatch", None)  # a tuned schedule used on another model / solver
+    for line in mismatch(model=loaded.name, solver=solver) if mismatch is not None else ():
+        warnings.warn(line, stacklevel=2)
+        notes.append(line)
     if note is not None:
         warnings.warn(note, SolverSwitched, stacklevel=2)
         sampler = build_sampler(str(solver_spec), schedule, steps, final=final, progress=progress, stop=stop,
@@ -252,7 +261,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
             events[key] = events.get(key, 0) + count
     samples = torch.cat(outputs)
     record = {
-        "model": loaded.name, "solver": str(solver_spec), "solver_requested": str(solver), "schedule": schedule, "steps": steps, "final": final,
+        "model": loaded.name, "solver": str(solver_spec), "solver_requested": str(solver), "schedule": str(schedule), "steps": steps, "final": final,
         "guidance": list(guidance), "cfg_scale": cfg_scale, "seeds": seeds,
         "classes": labels.tolist() if labels is not None else None,
         "nfe": nfe, "model_evals": model_evals, "events": events, "wall_time_s": round(time.perf_counter() - start, 4),

@@ -64,7 +64,7 @@ def generate_from_pipeline(model: Any, *, prompt: str | None, negative_prompt: s
                      f"stochastic variant {ran!r}")
     record = {
         "model": model.name, "pipeline": type(den.pipe).__name__, "prompt": prompt, "negative_prompt": negative_prompt,
-        "solver": ran, "solver_requested": str(solver), "schedule": schedule if schedule is not None else "pipeline", "steps": steps, "final": final,
+        "solver": ran, "solver_requested": str(solver), "schedule": str(schedule) if schedule is not None else "pipeline", "steps": steps, "final": final,
         "guidance": [str(g) for g in guidance], "cfg_scale": applied_cfg,  # None: no CFG, or a CFG-family term
         "seeds": seeds, "classes": None, "nfe": nfe, "model_evals": model_evals,
         "wall_time_s": round(time.perf_counter() - start, 4), "device": str(den.device), "dtype": dtype,

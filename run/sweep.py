@@ -147,7 +147,7 @@ def run_sweep(model: LoadedModel, out_dir: str | os.PathLike, *, solvers: Sequen
             fh.write("\n")
     with open(path, "a") as fh:
         for solver, schedule, n, terms in cells:
-            key_row = {"model": model.name, "solver": solver, "schedule": schedule, "steps": n,
+            key_row = {"model": model.name, "solver": solver, "schedule": str(schedule), "steps": n,
                        "guidance": list(terms), "cfg_scale": cfg_scale, "num_samples": num_samples, "seed": seed,
                        "metric": metric}
             if cell_key(key_row) in done:
@@ -164,7 +164,7 @@ def run_sweep(model: LoadedModel, out_dir: str | os.PathLike, *, solvers: Sequen
             os.fsync(fh.fileno())
             done[cell_key(row)] = row
             rows.append(row)
-            log(f"{solver:>14s} {schedule:>14s} steps={n:<4d} nfe={row['nfe']:<4d} "
+            log(f"{solver:>14s} {str(schedule):>14s} steps={n:<4d} nfe={row['nfe']:<4d} "
                 + " ".join(f"{k}={v:.3f}" for k, v in scores.items()))
     return rows
 

@@ -333,6 +333,9 @@ STEP_SCHEDULES.add("timesteps", _P + "step_schedules_explicit:Timesteps",
                    "explicit times in the noise schedule's unit (diffusers timesteps), noisiest first; "
                    "steps = their count", aliases=("custom_timesteps",),
                    meanings={"values": "list, e.g. [999,850,736,645,545,455,343,233,124,24]"})
+STEP_SCHEDULES.add("file", _P + "schedule_file:load_schedule",
+                   "a schedule tuned for one model and solver by `diffsample optimize-schedule` (JSON; GITS or LD3); "
+                   "steps = its count", meanings={"path": "the JSON file (CLI: --schedule FILE.json)"})
 
 # ---- the numerics, imported on first access ----------------------------------------------------------
 

@@ -1,0 +1,409 @@
+"""Per-model step-schedule optimisation: where to put ``N`` model evaluations for one solver.
+
+Both methods fit the grid to the model's own *teacher* trajectories: accurate probability-flow ODE
+solutions from calibration noises ``x_T`` (standard normal, scaled by the sampler's prior scale at
+``t_max``), recorded at a fine grid of ``M`` times (:func:`fine_grid`; uniform in ``lambda_``
+between the noise schedule's ends, its first point at ``t_max``) and at the clean end. The first
+evaluation is always at ``t_max`` (where the noise is drawn) and the last step always goes to
+``sigma = 0``; what is chosen are the ``N - 1`` times in between.
+
+* :func:`gits_schedule` -- GITS (Chen et al., "On the Trajectory Regularity of ODE-based Diffusion
+  Sampling", arXiv 2405.11326, section 4): a dynamic program over paths through the fine grid. The
+  cost of a step ``t_i -> t_j`` is its local truncation error: the RMS distance between the
+  solver's step taken from the teacher's state at ``t_i`` (its history, for a multistep solver,
+  being the teacher's denoised value at the previous point ``t_k`` of the path) and the teacher's
+  state at ``t_j``. The path of ``N`` steps from ``t_max`` to ``sigma = 0`` with the least total
+  cost is exact to find over states ``(t_k, t_i)`` (:func:`local_costs`, :func:`cheapest_path`).
+  The costs need no model evaluation beyond the teacher's.
+* :func:`ld3_schedule` -- an LD3-style continuous fit (Tong et al., "Learning to Discretize Denoising
+  Diffusion ODEs", arXiv 2405.15506): the ``N - 1`` free times, parameterised by a softmax of
+  log-sigma increments (always strictly decreasing and inside the schedule's range), minimise the
+  RMS distance between the solver's endpoint and the teacher's endpoint over the calibration noises
+  (scipy Nelder-Mead; LD3 proper backpropagates an LPIPS loss through the solver, which the
+  solvers' scalar grid arithmetic does not allow). It starts from a given grid (the GITS one or the
+  best built-in schedule).
+
+All errors are ``sqrt(mean((a - b)^2))`` over samples and dimensions, the GMM benchmark's trajectory
+RMSE. Only deterministic solvers can be tuned (a stochastic step has no teacher trajectory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffsample.solvers.solver import Denoise, Grid, NoiseSchedule, Solver
+from diffsample.solvers.step_schedules import check_steps
+
+from diffsample.samplers.sampler import prior_scale
+
+
+def rms(a: Tensor, b: Tensor) -> float:
+    """``sqrt(mean((a - b)^2))`` over every element (float64 arithmetic)."""
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def check_deterministic(solver: Solver) -> Solver:
+    """``solver`` when it is deterministic.
+
+    Raises:
+        ValueError: a stochastic solver (naming it).
+    """
+    if getattr(solver, "stochastic", False):
+        raise ValueError(f"schedule optimisation needs a deterministic solver (an ODE step); {solver!r} is "
+                         "stochastic: use e.g. dpmpp_2m, unipc_bh2, euler or heun")
+    return solver
+
+
+def fine_grid(ns: NoiseSchedule, m: int) -> Tensor:
+    """``m`` evaluation times (``m >= 2``), noisiest first: ``t_max``, then ``m - 1`` times uniform in
+    ``lambda_`` from ``t_max_finite`` (excluded when it is ``t_max``) to ``t_min``. Shape ``(m,)``,
+    float64, strictly decreasing.
+
+    Raises:
+        ValueError: ``m < 2``.
+    """
+    m = check_steps(m)
+    if m < 2:
+        raise ValueError(f"a fine grid needs at least 2 points, got {m}")
+    lo, hi = ns.sigma_ve_range()
+    top = math.log(hi)
+    if ns.t_max_finite == ns.t_max:
+        u = torch.linspace(top, math.log(lo), m, dtype=torch.float64)[1:]
+    else:
+        u = torch.linspace(top, math.log(lo), m - 1, dtype=torch.float64)
+    t = ns.t_from_sigma_ve(torch.exp(u)).clamp(ns.t_min, ns.t_max)
+    t = torch.cat([torch.tensor([float(ns.t_max)], dtype=torch.float64), t])
+    keep = torch.cat([torch.tensor([True]), t[1:] < t[:-1]])  # drop repeats from clamping
+    return t[keep]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Teacher trajectories on a fine grid.
+
+    Attributes:
+        t: ``(P,)`` fine times, noisiest first; the last is the clean end (``noise_schedule.t_zero``).
+        x: ``(P, B, *dims)`` teacher states at ``t`` (``x[0]`` the initial state, ``x[-1]`` the endpoint).
+        denoised: ``(P - 1, B, *dims)`` the model's ``denoised`` at ``(x[i], t[i])``.
+        noise: ``(B, *dims)`` the standard-normal calibration noises (``x[0] = noise * prior scale``).
+        noise_schedule: the process.
+        model_evals: denoiser calls per sample the teacher took.
+        seconds: CPU seconds (process time) it took.
+    """
+
+    t: Tensor
+    x: Tensor
+    denoised: Tensor
+    noise: Tensor
+    noise_schedule: NoiseSchedule
+    model_evals: int = 0
+    seconds: float = 0.0
+
+    @property
+    def points(self) -> int:
+        return self.t.numel()
+
+    @property
+    def endpoint(self) -> Tensor:
+        return self.x[-1]
+
+
+def _eval_grid(ns: NoiseSchedule, t_eval: Tensor) -> Grid:
+    return Grid.from_t(ns, t_eval, final_zero=True)
+
+
+def solver_teacher(denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_fine: Tensor, solver: Solver,
+                   substeps: int = 4, progress: bool = False) -> Teacher:
+    """Teacher trajectories by ``solver`` (deterministic, evaluating the model at its states, e.g.
+    DPM-Solver++(3M)) on ``t_fine`` with each interval split into ``substeps`` equal parts in ``t``.
+
+    Args:
+        denoise: ``(x, t) -> denoised`` with conditioning bound.
+        ns: its noise schedule.
+        noise: ``(B, *dims)`` standard-normal calibration noises.
+        t_fine: ``(m,)`` fine evaluation times (:func:`fine_grid`); the clean end is appended.
+        solver: the teacher's solver.
+        substeps: teacher steps per fine interval (>= 1).
+    """
+    start = time.process_time()
+    substeps = check_steps(substeps)
+    t_fine = torch.as_tensor(t_fine, dtype=torch.float64)
+    parts = [torch.linspace(float(a), float(b), substeps + 1, dtype=torch.float64)[:-1]
+             for a, b in zip(t_fine[:-1], t_fine[1:])]
+    t_sub = torch.cat(parts + [t_fine[-1:]])
+    grid = _eval_grid(ns, t_sub)
+    x = noise * prior_scale(grid)
+    states, outs = [], []
+    record = set(range(0, grid.steps, substeps))
+    calls = [0]
+
+    def capture(x_in: Tensor, t: Tensor) -> Tensor:
+        calls[0] += 1
+        return denoise(x_in, t)
+
+    state = solver.init(x, grid)
+    with torch.no_grad():
+        for i in tqdm(range(grid.steps), disable=not progress, leave=False, desc="teacher"):
+            if i in record:
+                d = capture(x, torch.full((x.shape[0],), grid.t_list[i], dtype=torch.float64 if x.dtype == torch.float64
+                                          else torch.float32))
+                states.append(x)
+                outs.append(d)
+                x, state = solver.step(lambda x_in, t, _d=d, _x=x: _d if x_in is _x else capture(x_in, t),
+                                       x, grid, i, state)
+            else:
+                x, state = solver.step(capture, x, grid, i, state)
+    states.append(x)
+    t_all = torch.cat([t_fine, torch.tensor([float(ns.t_zero)], dtype=torch.float64)])
+    return Teacher(t=t_all, x=torch.stack(states), denoised=torch.stack(outs), noise=noise, noise_schedule=ns,
+                   model_evals=calls[0], seconds=time.process_time() - start)
+
+
+def run_solver(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_eval: Tensor) -> Tensor:
+    """The solver's endpoint from ``noise`` on the grid ``t_eval`` + ``sigma = 0`` (as the sampler
+    runs it: ``x = noise * prior scale``, one ``solver.step`` per interval)."""
+    grid = _eval_grid(ns, torch.as_tensor(t_eval, dtype=torch.float64))
+    x = noise * prior_scale(grid)
+    state = solver.init(x, grid)
+    with torch.no_grad():
+        for i in range(grid.steps):
+            x, state = solver.step(denoise, x, grid, i, state)
+    return x
+
+
+def endpoint_rmse(solver: Solver, denoise: Denoise, teacher: Teacher, t_eval: Tensor) -> float:
+    """RMS distance between the solver's endpoint on ``t_eval`` and the teacher's endpoint."""
+    return rms(run_solver(solver, denoise, teacher.noise_schedule, teacher.noise, t_eval), teacher.endpoint)
+
+
+def local_costs(solver: Solver, teacher: Teacher, denoise: Denoise | None = None,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Local truncation errors of ``solver`` between the teacher's fine points.
+
+    Returns:
+        ``(first, cost)``: ``first[i]`` the RMS error of a first step ``t_0 -> t_i`` (no history) from
+        the teacher's initial state, shape ``(P,)``; ``cost[k, i, j]`` the RMS error of a step
+        ``t_i -> t_j`` from the teacher's state at ``t_i`` after a step from ``t_k`` (the solver's
+        history is the teacher's), shape ``(P, P, P)``, ``inf`` unless ``k < i < j``; ``i < P - 1``.
+
+    A solver evaluation away from the teacher's states (a Heun stage) calls ``denoise``
+    (``None``: refused with a ``ValueError``).
+    """
+    check_deterministic(solver)
+    ns, p = teacher.noise_schedule, teacher.points
+    t_eval = teacher.t[:-1]  # evaluation times; index p - 1 is the clean end
+    first = np.full(p, np.inf)
+    cost = np.full((p, p, p), np.inf)
+
+    xs = list(teacher.x.unbind(0))  # per-point tensors, so an identity check finds the teacher's states
+    ds = list(teacher.denoised.unbind(0))
+
+    def lookup(k: int) -> Denoise:
+        def cached(x_in: Tensor, t: Tensor) -> Tensor:
+            if x_in is xs[k]:
+                return ds[k]
+            if denoise is None:
+                raise ValueError(f"{type(solver).__name__} evaluates the model away from the teacher's states; "
+                                 "local costs need the model's denoise")
+            return denoise(x_in, t)
+        return cached
+
+    def grid_of(idx: Sequence[int]) -> Grid:
+        return _eval_grid(ns, t_eval[list(idx)])
+
+    pairs = [(k, i) for i in range(1, p) for k in range(i)]
+    bar = tqdm(total=len(pairs), disable=not progress, leave=False, desc="local costs")
+    with torch.no_grad():
+        for i in range(1, p):
+            # First steps t_0 -> t_i.
+            g = grid_of([0] if i == p - 1 else [0, i])
+            x1, _ = solver.step(lookup(0), xs[0], g, 0, solver.init(xs[0], g))
+            first[i] = rms(x1, xs[i])
+        for k, i in pairs:
+            bar.update()
+            if i == p - 1:
+                continue
+            g = grid_of([k, i])
+            _, state = solver.step(lookup(k), xs[k], g, 0, solver.init(xs[k], g))
+            for j in range(i + 1, p):
+                gj = grid_of([k, i] if j == p - 1 else [k, i, j])
+                xj, _ = solver.step(lookup(i), xs[i], gj, 1, state)
+                cost[k, i, j] = rms(xj, xs[j])
+    bar.close()
+    return first, cost
+
+
+def cheapest_path(first: np.ndarray, cost: np.ndarray, steps: int) -> tuple[list[int], float]:
+    """The fine-grid path ``0 = i_0 < i_1 < ... < i_steps = P - 1`` with the least total cost
+    ``first[i_1] + sum_s cost[i_{s-1}, i_s, i_{s+1}]`` (dynamic programming over the states
+    ``(previous point, current point)``, exact). Returns ``(path, total cost)``.
+
+    Raises:
+        ValueError: ``steps`` < 1 or more than the fine grid's ``P - 1`` intervals.
+    """
+    steps = check_steps(steps)
+    p = first.shape[0]
+    if steps > p - 1:
+        raise ValueError(f"{steps} steps need a fine grid of more than {steps} points, got {p}; raise fine_steps")
+    value = np.full((p, p), np.inf)  # value[k, i]: best cost reaching i with previous point k
+    value[0, 1:] = first[1:]
+    back = []
+    for _ in range(steps - 1):
+        # new[i, j] = min_k value[k, i] + cost[k, i, j]
+        total = value[:, :, None] + cost
+        arg = np.argmin(total, axis=0)
+        new = np.take_along_axis(total, arg[None], axis=0)[0]
+        back.append(arg)
+        value = new
+    value = np.where(np.arange(p)[None, :] == p - 1, value, np.inf)  # the path ends at the clean end
+    k, i = np.unravel_index(np.argmin(value), value.shape)
+    best = float(value[k, i])
+    if not math.isfinite(best):
+        raise ValueError(f"no path of {steps} steps through a fine grid of {p} points")
+    path = [int(i), int(k)]
+    for arg in reversed(back):
+        k, i = int(arg[k, i]), k
+        path.append(int(k))
+    return path[::-1], best
+
+
+def propagation_weights(teacher: Teacher) -> np.ndarray:
+    """``w_j = (1 / alpha_j) * s / sqrt(s^2 + sigma_ve_j^2)`` per fine point (1 at the clean end):
+    how much an error made at ``t_j`` survives to the endpoint under the probability-flow ODE of
+    Gaussian data with the teacher endpoint's per-dimension std ``s`` (in VE coordinates the flow
+    ``sigma_j -> 0`` scales a perturbation by ``s / sqrt(s^2 + sigma_j^2)``). Shape ``(P,)``."""
+    ns = teacher.noise_schedule
+    s = float(teacher.endpoint.double().std())
+    t = teacher.t[:-1]
+    w = s / torch.sqrt(s**2 + ns.sigma_ve(t) ** 2) / ns.alpha(t)
+    w = torch.nan_to_num(w, nan=0.0, posinf=0.0)  # alpha = 0 (a flow's t = 1) is never a step's end
+    return torch.cat([w, torch.ones(1, dtype=torch.float64)]).numpy()
+
+
+def gits_schedule(solver: Solver, teacher: Teacher, steps: int, denoise: Denoise | None = None,
+                  progress: bool = False, costs: tuple[np.ndarray, np.ndarray] | None = None,
+                  weighted: bool = True) -> tuple[Tensor, float]:
+    """GITS: the ``steps`` evaluation times (a path through the teacher's fine grid) with the least
+    summed local truncation error (module docstring), each error weighted by how much of it reaches
+    the endpoint (:func:`propagation_weights`; ``weighted=False``: GITS's plain sum). Returns ``(t,
+    summed local cost)``; ``t`` has shape ``(steps,)``, starts at the fine grid's first time and is
+    strictly decreasing. ``costs``: :func:`local_costs` already computed for this solver and teacher."""
+    first, cost = costs if costs is not None else local_costs(solver, teacher, denoise, progress)
+    if weighted:
+        w = propagation_weights(teacher)
+        with np.errstate(invalid="ignore"):  # inf (no such step) * 0 stays inf
+            first = np.where(np.isfinite(first), first * w, np.inf)
+            cost = np.where(np.isfinite(cost), cost * w[None, None, :], np.inf)
+    path, total = cheapest_path(first, cost, steps)
+    return teacher.t[path[:-1]].clone(), total
+
+
+# ---- LD3-style continuous optimisation ------------------------------------------------------------
+@dataclass(frozen=True)
+class LogSigmaParams:
+    """The ``N - 1`` free times between ``t_0 = t_max`` and ``t_min`` as softmax weights of
+    log-sigma increments: ``u_k = u_top - (u_top - u_min) * cumsum(softmax(theta))[k - 1]``,
+    ``u = log(sigma / alpha)``, ``k = 1 .. N - 1`` (``theta`` has ``N`` entries: the last weight is
+    the gap left above ``t_min``). Any ``theta`` gives strictly decreasing times in range."""
+
+    ns: NoiseSchedule
+    steps: int
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        lo, hi = self.ns.sigma_ve_range()
+        return math.log(hi), math.log(lo)
+
+    def times(self, theta: np.ndarray) -> Tensor:
+        top, bottom = self.bounds
+        w = np.exp(theta - theta.max())
+        w = w / w.sum()
+        u = top - (top - bottom) * np.cumsum(w)[: self.steps - 1]
+        t_rest = self.ns.t_from_sigma_ve(torch.exp(torch.tensor(u, dtype=torch.float64))).clamp(self.ns.t_min,
+                                                                                                  self.ns.t_max)
+        return torch.cat([torch.tensor([float(self.ns.t_max)], dtype=torch.float64), t_rest])
+
+    def theta(self, t_eval: Tensor) -> np.ndarray:
+        """The parameters of a grid starting at ``t_max`` (inverse of :meth:`times` up to clipping)."""
+        top, bottom = self.bounds
+        t_rest = torch.as_tensor(t_eval, dtype=torch.float64)[1:]
+        u = torch.log(self.ns.sigma_ve(t_rest)).numpy() if t_rest.numel() else np.zeros(0)
+        u = np.clip(u, bottom, top)
+        edges = np.concatenate([[top], u, [bottom]])
+        gaps = np.maximum(-np.diff(edges), 1e-6 * (top - bottom))
+        return np.log(gaps / gaps.sum())
+
+
+def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int, init: Tensor,
+                 max_evals: int | None = None, progress: bool = False) -> tuple[Tensor, float, int]:
+    """Minimise the endpoint RMSE against the teacher over the ``steps - 1`` free times
+    (:class:`LogSigmaParams`; Nelder-Mead from ``init``, a grid starting at ``t_max``).
+
+    Returns:
+        ``(t, objective, objective evaluations)``: the best grid seen (never worse than ``init``).
+    """
+    from scipy.optimize import minimize
+
+    steps = check_steps(steps)
+    check_deterministic(solver)
+    params = LogSigmaParams(teacher.noise_schedule, steps)
+    init = torch.as_tensor(init, dtype=torch.float64)
+    base = endpoint_rmse(solver, denoise, teacher, init)
+    if steps == 1:
+        return init, base, 1
+    budget = max_evals if max_evals is not None else 40 * steps
+    best = {"f": base, "t": init}
+    bar = tqdm(total=budget, disable=not progress, leave=False, desc="ld3")
+
+    evals = [1]
+
+    def objective(theta: np.ndarray) -> float:
+        evals[0] += 1
+        bar.update()
+        t = params.times(theta)
+        try:
+            f = endpoint_rmse(solver, denoise, teacher, t)
+        except ValueError:  # times collapsed onto each other by clamping
+            return float("inf")
+        if not math.isfinite(f):
+            return float("inf")
+        if f < best["f"]:
+            best["f"], best["t"] = f, t
+            bar.set_postfix(rmse=f"{f:.4g}")
+        return f
+
+    # Nelder-Mead, restarted from the best point with a smaller simplex whenever it converges early.
+    theta, scale = params.theta(init), 1.0
+    while evals[0] < budget and scale > 0.05:
+        simplex = np.vstack([theta] + [theta + scale * np.eye(steps)[k] for k in range(steps)])
+        minimize(objective, theta, method="Nelder-Mead",
+                 options={"maxfev": budget - evals[0], "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
+        theta, scale = params.theta(best["t"]), scale / 2
+    bar.close()
+    return best["t"], best["f"], evals[0]
+
+
+def builtin_objectives(solver: Solver, denoise: Denoise, teacher: Teacher,
+                       schedules: dict[str, Callable[[NoiseSchedule, int], Tensor]], steps: int) -> dict[str, float]:
+    """Endpoint RMSE against the teacher of each named step schedule (``inf`` where it cannot
+    produce a grid for this noise schedule)."""
+    import warnings
+
+    out = {}
+    for name, schedule in schedules.items():
+        try:
+            with warnings.catch_warnings():  # e.g. csflow's note on its default spectrum
+                warnings.simplefilter("ignore")
+                t = schedule(teacher.noise_schedule, steps)
+            out[name] = endpoint_rmse(solver, denoise, teacher, t)
+        except ValueError:
+            out[name] = float("inf")
+    return out

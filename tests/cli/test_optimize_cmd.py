@@ -1,0 +1,92 @@
+"""``diffsample optimize-schedule`` and ``--schedule FILE.json``: the file it writes, the summary line,
+and one-line refusals with exit code 2 and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from diffsample.cli.main import main
+
+SMALL = ["--num-samples", "4", "--fine-steps", "6", "--teacher-substeps", "1", "-q"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="module")
+def schedule_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("opt") / "s.json"
+    result = CliRunner().invoke(main, ["optimize-schedule", "--model", "mnist", "--solver", "dpmpp_2m", "--steps", "3",
+                                       "--method", "gits", *SMALL[:-1], "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_writes_a_loadable_file_and_one_summary_line(schedule_file):
+    out, output = schedule_file
+    data = json.loads(out.read_text())
+    assert data["model"] == "mnist" and data["solver"] == "dpmpp_2m" and data["steps"] == 3
+    assert data["method"] == "gits" and len(data["t"]) == 3 and data["t"][0] == 999.0
+    assert data["command"].startswith("diffsample optimize-schedule")
+    assert "gits dpmpp_2m steps=3: endpoint RMSE vs teacher best built-in" in output
+
+
+def test_generate_and_sweep_take_the_file(schedule_file, tmp_path):
+    out, _ = schedule_file
+    gen = tmp_path / "g"
+    result = run("generate", "--solver", "dpmpp_2m", "--steps", "3", "--schedule", str(out), "--num-samples", "2",
+                 "--out", str(gen), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads((gen / "run.json").read_text())
+    assert record["schedule"] == f"file:path={out}" and record["nfe"] == 3
+    sw = tmp_path / "sw"
+    result = run("sweep", "--solver", "dpmpp_2m", "--schedule", str(out), "--steps", "3", "--num-samples", "2",
+                 "--metric", "none", "--out", str(sw), "-q")
+    assert result.exit_code == 0, result.output
+    row = json.loads((sw / "results.jsonl").read_text().splitlines()[0])
+    assert row["schedule"] == f"file:path={out}" and row["nfe"] == 3
+
+
+def test_a_file_for_another_solver_warns_and_names_the_mismatch(schedule_file, tmp_path):
+    out, _ = schedule_file
+    result = run("generate", "--solver", "unipc_bh2", "--steps", "3", "--schedule", str(out), "--num-samples", "2",
+                 "--out", str(tmp_path / "g"), "-q")
+    assert result.exit_code == 0, result.output
+    assert "optimised for solver 'dpmpp_2m', used with 'unipc_bh2'" in result.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--steps", "3", "--method", "ays"], "unknown --method 'ays'; valid: gits, ld3"),
+    (["--steps", "3", "--solver", "euler_ancestral"], "stochastic"),
+    (["--steps", "3", "--solver", "nope"], "unknown solver 'nope'"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, match):
+    out = tmp_path / "s.json"
+    result = run("optimize-schedule", *args, *SMALL, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert match in result.output and not out.exists()
+
+
+def test_existing_out_needs_overwrite_and_is_kept(tmp_path):
+    out = tmp_path / "s.json"
+    out.write_text("keep")
+    result = run("optimize-schedule", "--steps", "2", *SMALL, "--out", str(out))
+    assert result.exit_code == 2 and "--overwrite" in result.output and out.read_text() == "keep"
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{", "not valid JSON"),
+    ('{"format": "diffsample.step_schedule", "model": "mnist", "solver": "dpmpp_2m", "method": "gits", '
+     '"objective": 1, "t": [999, 500, 800]}', "not strictly decreasing"),
+])
+def test_malformed_schedule_file_exits_2(tmp_path, content, match):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    gen = tmp_path / "g"
+    result = run("generate", "--steps", "3", "--schedule", str(bad), "--out", str(gen))
+    assert result.exit_code == 2 and match in result.output and not gen.exists()
