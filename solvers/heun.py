@@ -16,8 +16,12 @@ class Heun:
 
     With ``y = x / alpha``, ``s = sigma / alpha`` and ``d(y, s) = (y - D) / s``:
     ``y' = y_i + (s_{i+1} - s_i) d_i``, then ``y_{i+1} = y_i + (s_{i+1} - s_i) (d_i + d(y', s_{i+1})) / 2``.
-    The step to ``s = 0`` is a plain Euler step (EDM). Stages: 2 denoiser calls per step, 1 on a
-    step that ends at ``sigma = 0``. Order 2. Deterministic.
+    The step to ``s = 0`` is a plain Euler step (EDM). A step that starts at ``alpha = 0`` (pure
+    noise, the rectified-flow point ``t = 1``) has ``s = inf``: the trapezoid has no limit there, so
+    that step is the Euler step's limit, the DDIM update ``x' = (sigma_{i+1} / sigma_i) x_i +
+    alpha_{i+1} D_i`` (one step of local error O(h^2), so the global order stays 2). Stages: 2
+    denoiser calls per step, 1 on a step that ends at ``sigma = 0`` or starts at ``alpha = 0``.
+    Order 2. Deterministic.
     """
 
     @property
@@ -32,12 +36,18 @@ class Heun:
         return None
 
     def nfe(self, grid: Grid) -> int:
-        return 2 * grid.steps - (1 if grid.final_zero else 0)
+        starts_at_pure_noise = grid.alpha_list[0] == 0.0
+        euler_steps = (1 if grid.final_zero else 0) + (1 if starts_at_pure_noise else 0)
+        return 2 * grid.steps - min(euler_steps, grid.steps)
 
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: None, noise_fn: NoiseFn | None = None
     ) -> tuple[Tensor, None]:
         alpha, alpha_next = grid.alpha_list[i], grid.alpha_list[i + 1]
+        if alpha == 0.0:
+            # s = inf: the Euler step's limit (DDIM); x carries no signal, only sigma-scaled noise.
+            denoised = call_denoise(denoise, x, grid.t_list[i])
+            return (grid.sigma_list[i + 1] / grid.sigma_list[i]) * x + alpha_next * denoised, None
         s, s_next = grid.sigma_list[i] / alpha, grid.sigma_list[i + 1] / alpha_next
         y = x / alpha
         # Euler predictor.
