@@ -150,13 +150,16 @@ def marginal_summary(m: dict) -> str:
 
 @click.command("generate")
 @click.option("--model", "model", metavar="PATH_OR_ID", default="mnist", show_default=True,
-              help="Bundled 'mnist' or a diffusers model folder (unet/ + scheduler/, or a pipeline folder "
-                   "with model_index.json; safetensors only).")
-@click.option("--solver", default="dpmpp_2m", show_default=True, callback=registry_spec("solvers"),
-              help="Solver spec NAME[:key=value,...] (see `diffsample list solvers`).")
-@click.option("--schedule", default="trailing", show_default=True, callback=registry_spec("schedules"),
-              help="Step schedule spec NAME[:key=value,...].")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Grid intervals.")
+              help="A bundled model ('mnist', or a distilled student such as 'mnist-pd-4': `diffsample list "
+                   "models`) or a diffusers model folder (unet/ + scheduler/, or a pipeline folder with "
+                   "model_index.json; safetensors only).")
+@click.option("--solver", default=None, callback=registry_spec("solvers"),
+              help="Solver spec NAME[:key=value,...] (see `diffsample list solvers`). Default: the model's "
+                   "(dpmpp_2m; ddim for a distilled student; `diffsample list models`).")
+@click.option("--schedule", default=None, callback=registry_spec("schedules"),
+              help="Step schedule spec NAME[:key=value,...]. Default: the model's (trailing).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Grid intervals. Default: the model's (20; a distilled student's own step count).")
 @click.option("--final", type=click.Choice(["zero", "last"]), default="zero", show_default=True,
               help="Denoise to sigma=0 on the last step, or stop at the last grid point.")
 @click.option("--guidance", multiple=True, callback=registry_spec("guidance"), metavar="NAME[:k=v,...]",

@@ -1,4 +1,4 @@
-"""``diffsample`` command line: ``generate``, ``sweep`` and ``list``.
+"""``diffsample`` command line: ``generate``, ``sweep`` and ``list`` (registries and bundled models).
 
 Importing this module imports click and the command definitions only; registries, torch and the
 samplers are imported when a command runs (``diffsample --help`` stays fast, and a misspelt name is
@@ -40,25 +40,37 @@ def main(debug: bool) -> None:
 
 
 @main.command("list")
-@click.argument("what", required=False, metavar="[solvers|schedules|guidance|rewards|NAME]")
+@click.argument("what", required=False, metavar="[solvers|schedules|guidance|rewards|models|NAME]")
 def list_cmd(what: str | None) -> None:
     """Print the registered solvers, step schedules, guidance terms and rewards, one line each
     (aliases say what they stand for); with NAME, that entry's summary, aliases and every option
-    with its default and meaning.
+    with its default and meaning. `list models` prints the bundled models with the solver,
+    schedule and steps `generate` uses for each when none is given, and its CFG policy.
 
     \b
     Spec syntax: NAME[:key=value,...]; a value holding commas is bracketed:
       jeffrey:target=[0:0.5,1:0.5]   noisetilt:reward=(class_logp:label=3),beta=0.5
     """
+    from diffsample.testbed import BUNDLED_INFO
+
     if what is None or what in REGISTRIES:
         for word in REGISTRIES:
             if what in (None, word):
                 _print_registry(word)
+        if what is None:
+            _print_models(BUNDLED_INFO)
+        return
+    if what == "models":
+        _print_models(BUNDLED_INFO)
+        return
+    if what in BUNDLED_INFO:
+        _print_models({what: BUNDLED_INFO[what]}, cfg=True)
         return
     found = [(word, registry(word)) for word in REGISTRIES]
     found = [(word, reg) for word, reg in found if what in reg]
     if not found:
-        words = [*REGISTRIES] + [n for word in REGISTRIES for n in _names_and_aliases(registry(word))]
+        words = [*REGISTRIES] + [n for word in REGISTRIES for n in _names_and_aliases(registry(word))] \
+            + ["models", *BUNDLED_INFO]
         raise click.BadParameter(f"unknown name {what!r}; valid: {', '.join(words)}", param_hint="NAME")
     for k, (word, reg) in enumerate(found):
         if k:
@@ -77,6 +89,16 @@ def _print_registry(word: str) -> None:
         click.echo(f"  {name:<18s} {reg.summary(name)}")
         for alias in reg.aliases(name):
             click.echo(f"  {alias:<18s} alias of {name}")
+
+
+def _print_models(models: dict, cfg: bool = False) -> None:
+    """Bundled models: name, default ``solver / schedule / steps`` (what ``generate`` uses when none
+    is given) and summary; with ``cfg``, the CFG policy too."""
+    click.echo("models:")
+    for name, info in models.items():
+        click.echo(f"  {name:<18s} {info.solver} / {info.schedule} / {info.steps} steps; {info.summary}")
+        if cfg:
+            click.echo(f"  {'':<18s} CFG: {info.cfg}")
 
 
 def _print_entry(word: str, reg, name: str) -> None:

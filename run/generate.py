@@ -21,7 +21,7 @@ from diffsample.solvers import SOLVERS, STEP_SCHEDULES
 from diffsample.solvers.stop_time import StopTime, stop_options, stop_record
 
 from diffsample.run.record import GenerateResult, versions
-from diffsample.run.models import LoadedModel, PipelineModel, load_model
+from diffsample.run.models import LoadedModel, PipelineModel, check_student_grid, load_model
 from diffsample.run.prepare import prepare_terms
 from diffsample.samplers.sampler import Sampler
 from diffsample.samplers.stochastic_variant import SolverSwitched, solver_for
@@ -121,8 +121,21 @@ def default_classes(model: LoadedModel, n: int, class_label: int | None) -> Tens
     return torch.arange(n) % model.num_classes
 
 
-def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SOLVER, schedule: str = DEFAULT_SCHEDULE,
-             steps: int = DEFAULT_STEPS, guidance: Sequence[str] = (), cfg_scale: float | None = None,
+def model_defaults(model: "str | LoadedModel | PipelineModel | None") -> tuple[str, str, int]:
+    """The ``(solver, schedule, steps)`` a run of ``model`` uses when the caller gives none: a bundled
+    model's own (:data:`diffsample.testbed.BUNDLED_INFO`; a distilled student samples on its own
+    grid), else ``DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS``."""
+    from diffsample.testbed import BUNDLED_INFO, DEFAULT_MODEL
+
+    name = DEFAULT_MODEL if model is None else getattr(model, "name", model)
+    info = BUNDLED_INFO.get(name) if isinstance(name, str) else None
+    if info is None:
+        return DEFAULT_SOLVER, DEFAULT_SCHEDULE, DEFAULT_STEPS
+    return info.solver, info.schedule, info.steps
+
+
+def generate(model: str | LoadedModel | None = None, *, solver: str | None = None, schedule: str | None = None,
+             steps: int | None = None, guidance: Sequence[str] = (), cfg_scale: float | None = None,
              class_label: int | None = None, classes: Sequence[int] | None = None, seed: int = 0,
              num_samples: int = 16, batch_size: int = 64, device: str = "cpu", dtype: str = "fp32",
              final: str = "zero", progress: bool = False, prompt: str | None = None,
@@ -158,12 +171,16 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
 
     Args:
         model: ``None`` / ``"mnist"`` (bundled), a diffusers model folder, or a :class:`LoadedModel`.
-        solver, schedule: registry specs (``diffsample list``), e.g. ``"unipc_bh2:predictor_order=3"``.
+        solver, schedule: registry specs (``diffsample list``), e.g. ``"unipc_bh2:predictor_order=3"``;
+            ``None``: the model's default (:func:`model_defaults`; ``dpmpp_2m`` / ``trailing`` for the
+            MNIST teacher and model folders, ``ddim`` / ``trailing`` for the distilled students).
             A guidance term that acts on the noise of stochastic steps (NoiseTilt, SVDD, twisted SMC)
             switches a deterministic solver to its stochastic variant (``eta=1``), warns once
             (:class:`SolverSwitched`) and records it: ``record["solver"]`` is the spec that ran,
             ``record["solver_requested"]`` the one given, ``record["notes"]`` the line.
-        steps: grid intervals (>= 1).
+        steps: grid intervals (>= 1); ``None``: the model's default (20; a student's own step count).
+            A distilled student refuses a grid with a time it was not distilled for
+            (:func:`~diffsample.run.models.check_student_grid`).
         guidance: guidance specs ``NAME[:key=value,...]`` applied in order.
         cfg_scale: classifier-free guidance scale (conditional models), or ``None``.
         class_label: one class for every sample; default: sample index mod ``num_classes``.
@@ -187,6 +204,10 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
     """
     # Typed once, before anything is loaded or drawn (diffsample.run.validate).
     num_samples, batch_size = check_count("num_samples", num_samples), check_count("batch_size", batch_size)
+    own_solver, own_schedule, own_steps = model_defaults(model)
+    solver = own_solver if solver is None else solver
+    schedule = own_schedule if schedule is None else schedule
+    steps = own_steps if steps is None else steps
     seed = check_seed_range(seed, num_samples)
     check_choice("dtype", dtype, DTYPES)
     solver = check_spec("solver", solver)
@@ -236,7 +257,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str = DEFAULT_SO
         terms = guidance_terms(loaded, guidance, sampler)
         guided = apply_guidance(loaded, terms, cfg_scale, names)
     collect_hooks(guided).check(sampler.solver)  # hook combinations the loop cannot honour, before any sampling
-    sampler.grid(loaded.denoiser.noise_schedule)  # a stop outside the model's grid fails here, before sampling
+    check_student_grid(loaded, sampler.grid(loaded.denoiser.noise_schedule))  # a stop outside the model's grid, or
+    # a time a distilled student was not distilled for, fails here, before sampling
     if classes is not None:
         labels = torch.as_tensor(classes, dtype=torch.long)
         if labels.numel() != num_samples:

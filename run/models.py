@@ -22,6 +22,7 @@ from diffsample.guidance.term import Cond, Resources
 from diffsample.solvers.noise_schedules import DiscreteVP
 
 from diffsample.samplers.denoisers import ModelDenoiser
+from diffsample.samplers.per_step_model import PerStepModel
 from diffsample.testbed import BUNDLED_MODELS, DEFAULT_MODEL
 
 
@@ -43,12 +44,14 @@ class LoadedModel:
         device, dtype: where and in which precision the network runs.
         weight_files: the files whose content determines the network and its classifiers (cache
             fingerprints hash them); empty for a model built in code.
+        grid: a distilled student's grid, the only times (native, noisiest first) it may be
+            evaluated at (:func:`check_student_grid`); ``None`` for any other model.
         metrics: names in :data:`diffsample.testbed.METRICS` that score its samples (first = its
             default); empty when none fits.
     """
 
     name: str
-    denoiser: ModelDenoiser
+    denoiser: ModelDenoiser | PerStepModel
     sample_shape: tuple[int, ...]
     resources: Resources
     num_classes: int | None
@@ -57,6 +60,7 @@ class LoadedModel:
     dtype: torch.dtype
     weight_files: tuple[Path, ...] = ()
     metrics: tuple[str, ...] = ()
+    grid: tuple[float, ...] | None = None
 
     def cond(self, labels: Tensor | None) -> Cond | None:
         """Conditioning for class ``labels`` of shape ``(B,)`` (``None`` for unconditional models).
@@ -225,8 +229,12 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     device = torch.device(device)
     if spec is None or str(spec) in BUNDLED_MODELS:
         name = DEFAULT_MODEL if spec is None else str(spec)
-        bundled = BUNDLED_MODELS[name](device=device, dtype=dtype)
+        try:
+            bundled = BUNDLED_MODELS[name](device=device, dtype=dtype)
+        except (FileNotFoundError, ValueError) as exc:  # missing or unreadable bundled weights
+            raise ModelLoadError(f"bundled model {name!r}: {_one_line(exc)}") from None
         unet, config = bundled.unet, bundled.scheduler_config
+        grid, step_unets = bundled.grid, tuple(bundled.step_unets)
         classifier, clean = bundled.classifier, bundled.clean_classifier
         weight_files, metrics = tuple(bundled.weight_files), tuple(bundled.metrics)
     else:
@@ -253,6 +261,7 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
         unet.eval().requires_grad_(False)
         classifier = clean = None
         weight_files, metrics = folder_weight_files(folder), ()
+        grid, step_unets = None, ()
     prediction_type = config.get("prediction_type", "epsilon")
     try:
         noise_schedule = DiscreteVP.from_config(config)
@@ -260,6 +269,9 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
         raise ModelLoadError(f"model {name!r}: scheduler config: {_one_line(exc)}") from None
     try:
         denoiser = ModelDenoiser(_unet_fn(unet), noise_schedule, prediction_type, model_dtype=dtype)
+        if step_unets:  # a step-decoupled student: one network per grid point
+            denoiser = PerStepModel([ModelDenoiser(_unet_fn(u), noise_schedule, prediction_type, model_dtype=dtype)
+                                     for u in step_unets], grid)
     except ValueError as exc:
         raise ModelLoadError(f"model {name!r}: {exc}") from None
     n_embeds = unet.config.get("num_class_embeds") if hasattr(unet.config, "get") else getattr(unet.config, "num_class_embeds", None)
@@ -268,7 +280,34 @@ def load_model(spec: str | os.PathLike | None = None, device: str | torch.device
     resources = Resources(classifier=classifier, clean_classifier=clean, num_classes=num_classes,
                           conditional=num_classes is not None)
     return LoadedModel(name, denoiser, sample_shape, resources, num_classes,
-                       num_classes if num_classes is not None else None, device, dtype, weight_files, metrics)
+                       num_classes if num_classes is not None else None, device, dtype, weight_files, metrics, grid)
+
+
+def check_student_grid(model: "LoadedModel | PipelineModel", grid: Any) -> None:
+    """Refuse a run whose grid evaluates a distilled student at a time it was not distilled for.
+
+    A student (``model.grid`` set) may be evaluated only at its own grid's times: with the
+    ``trailing`` schedule, ``steps`` equal to its own step count or a count whose trailing grid is
+    a subset of it (``mnist-pd-4`` at 1, 2 or 4 steps). ``grid`` is the run's ``Grid``.
+
+    Raises:
+        ValueError: one line naming the model, the times it cannot give and the valid steps.
+    """
+    times = getattr(model, "grid", None)
+    if times is None:
+        return
+    asked = [float(v) for v in grid.t_list[:grid.steps]]
+    bad = [v for v in asked if min(abs(v - g) for g in times) > 1e-3]
+    if bad:
+        from diffsample.solvers.step_schedules import TimeUniform
+
+        ns = model.denoiser.noise_schedule
+        valid = [n for n in range(1, len(times) + 1)
+                 if all(min(abs(float(v) - g) for g in times) <= 1e-3 for v in TimeUniform(spacing="trailing")(ns, n))]
+        raise ValueError(f"model {model.name!r} is a {len(times)}-step student distilled at t = "
+                         f"{[round(g) for g in times]}; this run's grid asks for t = {[round(v, 1) for v in bad]}, which "
+                         f"its grid cannot give; valid: --schedule trailing with --steps "
+                         f"{' or '.join(str(n) for n in valid)}")
 
 
 @dataclass
