@@ -80,7 +80,8 @@ def mnist_fd(samples: Tensor, reference: Tensor | None = None) -> float:
         reference, _ = load_digits("heldout")
     x = _check(samples, "samples")
     ref = _check(reference, "reference")
-    metric = FrechetInceptionDistance(feature=FDFeatures(_classifier()), normalize=False)
+    metric = FrechetInceptionDistance(feature=FDFeatures(_classifier()), normalize=False,
+                                      sync_on_compute=False)  # local tensors: never sync across processes
     with torch.no_grad():
         for i in range(0, len(ref), _BATCH):
             metric.update(ref[i : i + _BATCH], real=True)

@@ -200,10 +200,13 @@ def test_killed_sweep_leaves_the_old_results_md_or_the_new_one(zygote, tmp_path)
         code, _, log = zygote.run([*sweep, "--steps", "2,3"], env=env, kill_after=kill_after)
         publish.recover(out / "results.md")
         publish.recover(out / "fd_vs_nfe.png")
+        publish.recover(out / "xy_grid.png")
+        publish.recover(out / "report.html")
         for name in old:
             data = (out / name).read_bytes()
             assert data in (old[name], new[name]), (name, env, kill_after, log)
             seen.add((name, "new" if data == new[name] else "old"))
         assert (out / "results.jsonl").read_bytes() == rows
-        assert sorted(p.name for p in out.iterdir()) == ["fd_vs_nfe.png", "results.jsonl", "results.md"]
+        assert sorted(p.name for p in out.iterdir()) == ["cells", "fd_vs_nfe.png", "report.html", "results.jsonl", "results.md",
+                                                        "xy_grid.png"]
     assert ("results.md", "old") in seen

@@ -302,7 +302,8 @@ def test_sweep_writes_results_md_when_a_cell_fails(tmp_path):
     assert_user_error(result, "not finite at step", "sigma=")
     assert len((out / "results.jsonl").read_text().splitlines()) == 1  # the finished cell is kept
     assert "| euler / karras |" in (out / "results.md").read_text() and (out / "fd_vs_nfe.png").stat().st_size
-    assert sorted(p.name for p in out.iterdir()) == ["fd_vs_nfe.png", "results.jsonl", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["cells", "fd_vs_nfe.png", "report.html", "results.jsonl", "results.md",
+                                                    "xy_grid.png"]
 
 
 def test_non_finite_reward_gradient_names_step_and_sigma():
