@@ -373,6 +373,12 @@ def plot(record: dict) -> None:
         if key == "fd_ratio":
             ax.axvline(1.1, color="0.7", ls=":")
             ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=1.0)
+        top = [r["reward"] for r in record["eval"] if r["reward"] > 14]
+        if top:
+            ax.set_ylim(top=14)
+            ax.set_title(f"{len(top)} point(s) above reward 14 not shown", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("NoiseTilt vs baselines on the exact random-field testbed (4x32x32, 25 DDPM steps)")

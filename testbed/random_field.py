@@ -113,6 +113,13 @@ class RandomFieldMixture:
         object.__setattr__(self, "spectra", spectra)
         object.__setattr__(self, "weights", weights / weights.sum())
         object.__setattr__(self, "_mean_hat", _fft(means))
+        half = means.shape[-1] // 2 + 1
+        weight = torch.full((half,), 2.0, dtype=torch.float64)  # rfft columns stand for two
+        weight[0] = 1.0
+        if means.shape[-1] % 2 == 0:
+            weight[-1] = 1.0
+        object.__setattr__(self, "_half_weight", weight.expand(means.shape[1:-1] + (half,)).flatten())
+        object.__setattr__(self, "_mean_half", torch.fft.rfft2(means, norm="ortho").flatten(1))
 
     @classmethod
     def example(cls, shape: tuple[int, int, int] = (4, 32, 32), components: int = 3, seed: int = 0,
@@ -146,45 +153,71 @@ class RandomFieldMixture:
             raise ValueError(f"samples must be (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         return x.to(torch.float64)
 
-    def _log_comp(self, xh: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``xh`` (b, C, H, W) complex, ``a, s`` (b,) -> (log pi_k N_k (b, K), v (b, K, C, H, W),
-        diff (b, K, C, H, W) complex)."""
-        a5, s5 = a.reshape(-1, 1, 1, 1, 1), s.reshape(-1, 1, 1, 1, 1)
-        v = a5**2 * self.spectra[None] + s5**2
-        diff = xh[:, None] - a5 * self._mean_hat[None]
-        quad = (diff.abs().square() / v).sum((2, 3, 4))
-        logdet = torch.log(2 * math.pi * v).sum((2, 3, 4))
-        return torch.log(self.weights)[None] - 0.5 * (quad + logdet), v, diff
-
     def _blocks(self, x: Tensor, alpha, sigma):
+        """Yield ``(rows, x_hat, parts)`` per chunk and per distinct ``(alpha, sigma)``:
+        ``x_hat = rfft2(x)`` of those rows and the per-level tables of :meth:`_level`."""
         x64 = self._check(x)
         b = x64.shape[0]
-        a = _as_batch(alpha, b)
-        s = _as_batch(sigma, b)
+        a, s = _as_batch(alpha, b), _as_batch(sigma, b)
         for lo in range(0, b, self.chunk):
-            sl = slice(lo, min(b, lo + self.chunk))
-            yield sl, x64[sl], a[sl], s[sl]
+            idx = torch.arange(lo, min(b, lo + self.chunk))
+            pairs = torch.stack([a[idx].detach(), s[idx].detach()], 1)
+            levels, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+            for j, (aj, sj) in enumerate(levels.tolist()):
+                rows = idx[inverse == j]
+                yield rows, torch.fft.rfft2(x64[rows], norm="ortho"), self._level(aj, sj)
+
+    def _level(self, a: float, s: float) -> tuple[float, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per-level tables on the half spectrum (``K`` rows, ``C * H * (W // 2 + 1)`` columns):
+        ``(a, A = weight / v, A M (real, imag), const = log pi - 1/2 (a^2 sum A |M|^2 + sum log 2 pi v),
+        G = a S / v, G M (stacked real, imag))``."""
+        v = a * a * self.spectra + s * s  # (K, C, H, W)
+        logdet = torch.log(2 * math.pi * v).sum((1, 2, 3))
+        half = self.spectra.shape[-1] // 2 + 1
+        vh = v[..., :half].flatten(1)
+        mh = self._mean_half
+        A = self._half_weight / vh
+        const = torch.log(self.weights) - 0.5 * (a * a * (A * mh.abs().square()).sum(1) + logdet)
+        G = a * self.spectra[..., :half].flatten(1) / vh
+        return a, A, A * mh.real, A * mh.imag, const, G, torch.cat([G * mh.real, G * mh.imag], 1)
+
+    def _log_comp(self, xh: Tensor, level) -> Tensor:
+        """``log pi_k N(x_t; a m_k, a^2 C_k + s^2 I)``, ``(b, K)``, from ``xh = rfft2(x_t)``."""
+        a, A, amr, ami, const, _, _ = level
+        xf = xh.flatten(1)
+        quad = xf.abs().square() @ A.T - 2 * a * (xf.real @ amr.T + xf.imag @ ami.T)
+        return const[None] - 0.5 * quad
 
     def denoised(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
         """Exact ``E[x0 | x_t = x]`` (``(B, C, H, W)``; ``alpha, sigma`` scalars or ``(B,)``); differentiable."""
-        out = []
-        for _, xb, a, s in self._blocks(x, alpha, sigma):
-            log_comp, v, diff = self._log_comp(_fft(xb), a, s)
-            w = torch.softmax(log_comp, 1)
-            gain = a.reshape(-1, 1, 1, 1, 1) * self.spectra[None] / v
-            post = (w.reshape(*w.shape, 1, 1, 1) * (gain * diff)).sum(1)
-            out.append((w @ self.means.flatten(1)).reshape(xb.shape) + _ifft(post))
-        return torch.cat(out).to(x.dtype)
+        out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+        pieces = []
+        for rows, xh, level in self._blocks(x, alpha, sigma):
+            w = torch.softmax(self._log_comp(xh, level), 1)
+            a, G, gm = level[0], level[5], level[6]
+            wg, wgm = w @ G, (w @ gm).chunk(2, 1)
+            post = xh * wg.reshape(xh.shape) - a * torch.complex(wgm[0], wgm[1]).reshape(xh.shape)
+            pieces.append((rows, (w @ self.means.flatten(1)).reshape(-1, *self.shape)
+                           + torch.fft.irfft2(post, s=self.shape[-2:], norm="ortho")))
+        if len(pieces) == 1 and len(pieces[0][0]) == x.shape[0]:
+            return pieces[0][1].to(x.dtype)
+        out = out.index_put((torch.cat([r for r, _ in pieces]),), torch.cat([p for _, p in pieces]))
+        return out.to(x.dtype)
+
+    def _per_row(self, x: Tensor, alpha, sigma) -> Tensor:
+        """``(B, K)`` log joint of row and component, rows in input order."""
+        out = torch.empty(x.shape[0], len(self.weights), dtype=torch.float64)
+        for rows, xh, level in self._blocks(x, alpha, sigma):
+            out[rows] = self._log_comp(xh, level)
+        return out
 
     def log_prob(self, x: Tensor, alpha: Tensor | float = 1.0, sigma: Tensor | float = 0.0) -> Tensor:
         """Exact ``log p_t(x)``, shape ``(B,)`` (``sigma = 0``: the data density)."""
-        return torch.cat([torch.logsumexp(self._log_comp(_fft(xb), a, s)[0], 1)
-                          for _, xb, a, s in self._blocks(x, alpha, sigma)])
+        return torch.logsumexp(self._per_row(x, alpha, sigma), 1)
 
     def component_posterior(self, x: Tensor, alpha: Tensor | float = 1.0, sigma: Tensor | float = 0.0) -> Tensor:
         """``p(component k | x_t = x)``, shape ``(B, K)``."""
-        return torch.cat([torch.softmax(self._log_comp(_fft(xb), a, s)[0], 1)
-                          for _, xb, a, s in self._blocks(x, alpha, sigma)])
+        return torch.softmax(self._per_row(x, alpha, sigma), 1)
 
     def score(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
         """Exact ``grad_x log p_t(x) = (alpha D - x) / sigma^2``, shape of ``x``."""

@@ -26,7 +26,7 @@ def test_list_noisetilt_shows_every_option_with_default_and_meaning():
     for option in GUIDANCE.options("noisetilt"):
         line = next(line for line in result.output.splitlines() if line.strip().startswith(f"{option.name}="))
         assert str(option) in line and option.meaning in line
-    for name in ("reward=class_logp", "rho=beta_matched", "strength=1.0", "beta=1.0", "grad_wrt=x_t", "tile=8",
+    for name in ("reward=class_logp", "rho=search_matched", "strength=1.0", "beta=1.0", "grad_wrt=x_t", "tile=8",
                  "whiten_alpha"):
         assert name in result.output
     assert "resources" not in result.output  # supplied by the model, not an option
