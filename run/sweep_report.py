@@ -115,15 +115,13 @@ def best_table(rows: Sequence[Row]) -> str:
 def plot(rows: Sequence[Row], path: str | os.PathLike) -> None:
     """The metric's headline value vs NFE, log-log: one panel per metric, one line per
     configuration and N (rows with another metric or N are never on the same line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     grouped = sections(rows)
     metrics = list(dict.fromkeys(metric for metric, _ in grouped)) or [NO_METRIC]
     several_n = {m: len({n for mm, n in grouped if mm == m}) > 1 for m in metrics}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(metrics), 4.5))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         value = headline(metric)
         for (m, n_samples), lines in grouped.items():
@@ -144,17 +142,13 @@ def plot(rows: Sequence[Row], path: str | os.PathLike) -> None:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
 
 
 def xy_grid(rows: Sequence[Row], out_dir: str | os.PathLike, path: str | os.PathLike) -> None:
     """The X/Y image grid (as A1111's X/Y plot): one row per configuration (and N / metric where
     the folder mixes them), one column per NFE, each tile the cell's first images (the same seeds
     in every tile: ``image`` of the row, under ``out_dir``). Cells without an image are left blank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from PIL import Image
 
     out_dir = Path(out_dir)
@@ -164,7 +158,8 @@ def xy_grid(rows: Sequence[Row], out_dir: str | os.PathLike, path: str | os.Path
              for (metric, n), by_label in grouped.items() for name, members in by_label.items()]
     nfes = sorted({r["nfe"] for _, members in lines for r in members})
     nrows, ncols = max(len(lines), 1), max(len(nfes), 1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 2.2, 0.55 * nrows + 0.7), squeeze=False)
+    fig = Figure(figsize=(3.2 * ncols + 2.2, 0.55 * nrows + 0.7))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for i, (name, members) in enumerate(lines):
         by_nfe = {r["nfe"]: r for r in members}
         for j, nfe in enumerate(nfes):
@@ -185,7 +180,6 @@ def xy_grid(rows: Sequence[Row], out_dir: str | os.PathLike, path: str | os.Path
         axes[0][0].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
 
 
 def _b64(path: Path) -> str:
