@@ -76,7 +76,7 @@ def test_integer_classes_in_any_container(counted):
     (dict(dtype=["fp32"]), "unknown dtype"),
     (dict(guidance="cfg_zero_star"), "guidance must be a list of specs"),
     (dict(guidance=[3]), "guidance entries must be spec strings"),
-    (dict(solver=None), "solver must be a spec string"),
+    (dict(solver=3), "solver must be a spec string"),
     (dict(cfg_scale=float("inf")), "cfg_scale must be a finite number"),
     (dict(cfg_scale=True), "cfg_scale must be a finite number"),
     (dict(cfg_scale="2"), "cfg_scale must be a finite number"),
