@@ -50,7 +50,7 @@ def test_model_folder_is_safetensors_only():
     pickles = [p for p in WEIGHTS_DIR.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}]
     assert pickles == []
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
-    assert total < 15e6
+    assert total < 20e6  # teacher and classifiers 6.9 MB + four float16 students 11.2 MB (MODEL_CARD.md)
 
 
 def test_unet_loads_with_safetensors_and_predicts_eps():
