@@ -131,7 +131,7 @@ def gmm_phase(args) -> None:
         log(f"[{pname}] teacher {teacher_cpu:.1f} CPU-s")
         for solver in args.solvers:
             for nfe in args.nfe:
-                for spec in BUILTINS:
+                for spec in args.builtins:
                     c = dict(part="gmm", problem=pname, kind="builtin", solver=solver, schedule=spec, nfe=nfe, seed_set=0)
                     if key(c) in done:
                         continue
@@ -209,31 +209,39 @@ def mnist_phase(args) -> None:
     log(f"[mnist] teacher {teacher_cpu:.1f} CPU-s ({teacher.model_evals} evaluations per sample)")
     builtins = [("csflow:spectrum=mnist" if b == "csflow" else b) for b in args.builtins]
     for solver in args.solvers:
-        for nfe in args.nfe:
-            for method in METHODS:
+        for nfe in args.nfe if args.only != "builtins" else ():
+            for method in args.methods:
                 if method == "ld3" and nfe not in args.ld3_nfe:
                     continue
                 c0 = dict(part="mnist", problem="mnist", kind="optimized", solver=solver, schedule=method, nfe=nfe)
                 if key({**c0, "seed_set": len(MNIST_SEED_SETS) - 1}) in done:
                     continue
                 kw = dict(max_evals=args.ld3_evals * nfe, ld3_samples=args.ld3_samples) if method == "ld3" else {}
-                sched = optimize_schedule(loaded, solver=solver, steps=nfe, method=method, num_samples=args.calib,
-                                          fine_steps=args.fine_steps, teacher=teacher, **kw,
-                                          command=f"diffsample optimize-schedule --model mnist --solver {solver} "
-                                                  f"--steps {nfe} --method {method} --num-samples {args.calib}"
-                                                  + (f" --max-evals {kw['max_evals']} --ld3-samples "
-                                                     f"{kw['ld3_samples']}" if kw else ""))
-                sched.save(args.work / f"schedule_mnist_{solver}_{method}_{nfe}.json")
+                saved = args.work / f"schedule_mnist_{solver}_{method}_{nfe}.json"
+                if saved.exists():  # a resumed run: the schedule is made, some seed sets are not scored yet
+                    from diffsample.solvers.schedule_file import load_schedule
+
+                    sched = load_schedule(str(saved))
+                else:
+                    sched = optimize_schedule(loaded, solver=solver, steps=nfe, method=method, num_samples=args.calib,
+                                              fine_steps=args.fine_steps, teacher=teacher, **kw,
+                                              command=f"diffsample optimize-schedule --model mnist --solver {solver} "
+                                                      f"--steps {nfe} --method {method} --num-samples {args.calib}"
+                                                      + (f" --max-evals {kw['max_evals']} --ld3-samples "
+                                                         f"{kw['ld3_samples']}" if kw else ""))
+                    sched.save(saved)
                 info = dict(cpu_seconds=sched.extra["cpu_seconds"], teacher_cpu_seconds=round(teacher_cpu, 3),
                             objective=sched.objective, best_builtin_objective=list(sched.best_builtin or ()),
                             t=list(sched.t))
                 log(f"[mnist] {solver} NFE {nfe} {method}: objective {sched.objective:.4g} vs "
                     f"{sched.best_builtin} ({sched.extra['cpu_seconds']:.1f} CPU-s)")
                 for k in range(len(MNIST_SEED_SETS)):
+                    if key({**c0, "seed_set": k}) in done:
+                        continue
                     c = {**c0, "seed_set": k, **fd(solver, sched, nfe, k), **info}
                     append(args.work, c)
                     log(f"[mnist] {solver} NFE {nfe} {method} set {k}: FD {c['fd']:.3f}")
-        for nfe in args.nfe:
+        for nfe in args.nfe if args.only != "optimized" else ():
             for spec in builtins:
                 c = dict(part="mnist", problem="mnist", kind="builtin", solver=solver, schedule=spec, nfe=nfe,
                          seed_set=0)
@@ -243,7 +251,7 @@ def mnist_phase(args) -> None:
                 append(args.work, c)
                 log(f"[mnist] {solver} NFE {nfe} {spec}: FD {c['fd']:.3f}")
         cells = [c for c in read_cells(args.work) if c["part"] == "mnist" and c["solver"] == solver]
-        for nfe in args.best_nfe or args.nfe:
+        for nfe in (args.best_nfe or args.nfe) if args.only != "optimized" else ():
             rows = [c for c in cells if c["kind"] == "builtin" and c["nfe"] == nfe and c["seed_set"] == 0]
             if not rows:
                 continue
@@ -298,13 +306,14 @@ def peer_best() -> dict[tuple[str, int], tuple[str, float]]:
 
 def report(args) -> None:
     cells = read_cells(args.work)
-    commands = (args.work / "commands.txt").read_text().splitlines() if (args.work / "commands.txt").exists() else []
+    listing = args.commands or args.work / "commands.txt"
+    commands = listing.read_text().splitlines() if listing.exists() else []
     nfes = sorted({c["nfe"] for c in cells})
     md = ["# Optimised step schedules (GITS, LD3) vs the built-in schedules", "", "```bash", *commands, "```", "",
           f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}; {platform.machine()}, 1 thread per process, "
           f"shared 2-core CPU; torch {torch.__version__}. Calibration noises: 256 per model, seeds from 10**12 "
           "(disjoint from every evaluation seed). Cells: mean (min-max) over three seed sets where three were run, "
-          "else seed set 0 only.", ""]
+          "else seed set 0 only.", "", *([args.note, ""] if args.note else [])]
     summary: dict = {"gmm": {}, "mnist": {}}
     peers = peer_best()
     for problem in [p for p in PROBLEMS if any(c["problem"] == p for c in cells)]:
@@ -314,10 +323,15 @@ def report(args) -> None:
             if not rows:
                 continue
             md += [f"### {solver}", "", *lines, ""]
+        n0 = next((c.get("samples") for c in cells if c["problem"] == problem and c.get("samples")), None)
+        same = ("the same 2048 noises" if problem == "2d16" else
+                "the first 512 of the 2048 noises the peer numbers were measured on (peer RMSE over all 2048)")
         md += ["Target: optimised RMSE <= 0.6x the best peer configuration (diffusers / k-diffusion, "
-               "benchmarks/results/gmm_solvers.json, seed set 0 = the same 2048 noises) at every NFE 5-10.", "",
-               "| NFE | best optimised (seed set 0) | RMSE | mean over 3 sets | best peer | RMSE | ratio | target met |",
-               "|---|---|---|---|---|---|---|---|"]
+               f"benchmarks/results/gmm_solvers.json; our seed set 0 = {same}) at every NFE 5-10. 'best built-in' "
+               "is the best diffsample built-in schedule of this run (either solver, seed set 0).", "",
+               "| NFE | best optimised (seed set 0) | RMSE | mean over 3 sets | best built-in | RMSE | best peer | RMSE "
+               "| ratio to peer | target met |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for nfe in [n for n in nfes if 5 <= n <= 10]:
             opt = [c for c in cells if c["part"] == "gmm" and c["problem"] == problem and c["kind"] == "optimized"
                    and c["nfe"] == nfe and c["seed_set"] == 0]
@@ -329,9 +343,14 @@ def report(args) -> None:
                            and c["kind"] == "optimized" and c["nfe"] == nfe and c["solver"] == best["solver"]
                            and c["schedule"] == best["schedule"]])
             ratio = best["rmse"] / peer[1]
+            bi = min((c for c in cells if c["part"] == "gmm" and c["problem"] == problem and c["kind"] == "builtin"
+                      and c["nfe"] == nfe and c["seed_set"] == 0 and c.get("rmse") is not None), key=lambda c: c["rmse"])
             summary["gmm"][f"{problem}/{nfe}"] = dict(best=f"{best['solver']} / {best['schedule']}", rmse=best["rmse"],
+                                                      best_builtin=f"{bi['solver']} / {bi['schedule']}",
+                                                      best_builtin_rmse=bi["rmse"],
                                                       peer=peer[0], peer_rmse=peer[1], ratio=ratio, met=ratio <= 0.6)
-            md.append(f"| {nfe} | {best['solver']} / {best['schedule']} | {best['rmse']:.4g} | {mean3:.4g} | {peer[0]} | "
+            md.append(f"| {nfe} | {best['solver']} / {best['schedule']} | {best['rmse']:.4g} | {mean3:.4g} | "
+                      f"{bi['solver']} / {bi['schedule']} | {bi['rmse']:.4g} | {peer[0]} | "
                       f"{peer[1]:.4g} | {ratio:.2f} | {'yes' if ratio <= 0.6 else 'no'} |")
         md.append("")
     mn = [c for c in cells if c["part"] == "mnist"]
@@ -453,6 +472,12 @@ def main() -> None:
     p.add_argument("--builtins", type=lambda s: s.split(","), default=list(BUILTINS))
     p.add_argument("--gmm-samples", type=int, default=2048)
     p.add_argument("--gmm-samples-64d", type=int, default=2048)
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    p.add_argument("--note", default="", help="report: a paragraph on how this run deviates from the full plan")
+    p.add_argument("--commands", type=Path, default=None, help="report: the command list to show (default: "
+                   "--work/commands.txt)")
+    p.add_argument("--only", choices=["all", "builtins", "optimized"], default="all",
+                   help="mnist: run only the built-in or only the optimised cells (two processes can split the work)")
     p.add_argument("--teacher-cache", type=Path, default=None, help="MNIST teacher file (torch.save), reused if present")
     p.add_argument("--best-nfe", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="NFE at which the best built-in also runs seed sets 1, 2 (default: every NFE)")

@@ -96,13 +96,13 @@ def _resolve(model: Any, num_samples: int, seed: int, device: str, prompt: str |
         model = load_model(model, device=device)
     if isinstance(model, LoadedModel):
         labels = None if model.num_classes is None else torch.arange(num_samples) % model.num_classes
-        cond = model.cond(labels)
+        loaded = model
         guided = compose(model.denoiser, (), cfg_scale)
         noise = seeded_run(seeds, model.sample_shape, model.device)["noise"]
         from diffsample.testbed import BUNDLED_MODELS
 
-        return _Target(model.name, lambda x, t: guided(x, t, cond), model.denoiser.noise_schedule, noise,
-                       bundled=model.name if model.name in BUNDLED_MODELS else None)
+        return _Target(model.name, _batched(guided, lambda b: loaded.cond(None if labels is None else labels[:b])),
+                       model.denoiser.noise_schedule, noise, bundled=model.name if model.name in BUNDLED_MODELS else None)
     name = None
     if isinstance(model, PipelineModel):
         name, den = model.name, model.denoiser
@@ -118,12 +118,26 @@ def _resolve(model: Any, num_samples: int, seed: int, device: str, prompt: str |
         raise ValueError(f"cannot optimise a schedule for {type(model).__name__}: expected a model name or folder, "
                          "a LoadedModel, a diffusers pipeline or a GaussianMixture denoiser (gmm.denoiser(ns))")
     text = den.text_conditioned
-    cond = den.encode(prompt if text else None, None, num_images_per_prompt=num_samples) if text else None
     scale = cfg_scale if cfg_scale is not None else (getattr(den, "default_cfg_scale", None) if text else None)
     guided = compose(den, (), scale)
     noise = seeded_run(seeds, den.noise_shape(), den.device)["noise"].to(den.model_dtype or torch.float32)
     den.prepare_noise(num_samples, torch.Generator().manual_seed(0))  # per-size state (FLUX ids)
-    return _Target(name, lambda x, t: guided(x, t, cond), den.noise_schedule, noise.float())
+    return _Target(name, _batched(guided, lambda b: den.encode(prompt, None, num_images_per_prompt=b) if text else None),
+                   den.noise_schedule, noise.float())
+
+
+def _batched(guided: Any, cond_for: Callable[[int], Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """``denoise(x, t)`` with the conditioning of the first ``x.shape[0]`` calibration samples
+    (built once per batch size: LD3 may fit on a subset)."""
+    conds: dict[int, Any] = {}
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        b = x.shape[0]
+        if b not in conds:
+            conds[b] = cond_for(b)
+        return guided(x, t, conds[b])
+
+    return denoise
 
 
 def exact_teacher(den: GMMDenoiser, noise: Tensor, t_fine: Tensor, tol: float = 1e-9) -> so.Teacher:

@@ -172,8 +172,9 @@ def test_mnist_and_tiny_pipelines_plumbing(tmp_path):
     from diffsample.testbed.tiny_pipelines import build
 
     small = dict(num_samples=4, fine_steps=6, teacher_substeps=1)
-    mnist = optimize_schedule("mnist", solver="dpmpp_2m", steps=3, method="gits", **small)
+    mnist = optimize_schedule("mnist", solver="dpmpp_2m", steps=3, method="ld3", max_evals=3, ld3_samples=2, **small)
     assert mnist.model == "mnist" and mnist.t[0] == 999.0 and len(mnist.t) == 3
+    assert mnist.extra["ld3_samples"] == 2  # a class-conditional fit on a subset of the calibration noises
     for family in ("sd", "sd3"):
         pipe = build(family)
         sched = optimize_schedule(pipe, solver="dpmpp_2m", steps=2, method="ld3", max_evals=4, **small)
