@@ -15,6 +15,7 @@ from diffsample.cli.options import REGISTRIES, registry
 from diffsample.cli.optimize_cmd import optimize_cmd
 from diffsample.cli.spectrum_cmd import spectrum_cmd
 from diffsample.cli.sweep_cmd import sweep_cmd
+from diffsample.core.registry import did_you_mean
 
 _KIND = {"solvers": "solver", "schedules": "step schedule", "guidance": "guidance term", "rewards": "reward"}
 
@@ -71,7 +72,8 @@ def list_cmd(what: str | None) -> None:
     if not found:
         words = [*REGISTRIES] + [n for word in REGISTRIES for n in _names_and_aliases(registry(word))] \
             + ["models", *BUNDLED_INFO]
-        raise click.BadParameter(f"unknown name {what!r}; valid: {', '.join(words)}", param_hint="NAME")
+        raise click.BadParameter(f"unknown name {what!r}; valid: {', '.join(words)}{did_you_mean(what, words)}",
+                                 param_hint="NAME")
     for k, (word, reg) in enumerate(found):
         if k:
             click.echo()

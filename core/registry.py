@@ -21,6 +21,7 @@ Names are snake_case (``[a-z][a-z0-9_]*``); older spellings stay as aliases
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import math
@@ -190,7 +191,9 @@ class Registry(Generic[T]):
         name = str(name).strip()
         entry = self._entries.get(self._aliases.get(name, name))
         if entry is None:
-            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}")
+            names = [*self._entries, *self._aliases]
+            raise ValueError(f"unknown {self.kind} {name!r}; valid: {', '.join(self._entries)}"
+                             f"{did_you_mean(name, names)}")
         return entry
 
     # ---- options --------------------------------------------------------------------------------
@@ -409,3 +412,11 @@ def _docstring_args(factory: Callable[..., Any]) -> dict[str, str]:
         elif current is not None and width > indent:
             out[current] = (out[current] + " " + line.strip()).strip()
     return out
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """``"; did you mean 'a' or 'b'?"`` for the choices closest to a misspelt ``name`` (difflib ratio
+    >= 0.6, at most three), or ``""``. Appended at the END of an error line, it survives the CLI's
+    cut of long messages, which keeps the head and the tail."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

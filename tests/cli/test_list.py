@@ -68,7 +68,8 @@ def test_unknown_name_exits_2_with_one_line():
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1
     assert "unknown name 'noisetlit'; valid: solvers, schedules, guidance, rewards, euler" in errors[0]
-    assert "noisetilt" in errors[0] and "stein-dpm" in errors[0]
+    # The valid names overflow the one-line cap (cut in the middle); the suggestion sits at the end.
+    assert errors[0].rstrip().endswith("did you mean 'noisetilt'?")
 
 
 @pytest.mark.parametrize("args, message", [
