@@ -100,7 +100,7 @@ def _one_line_error(registry, spec, **kw):
 def test_unknown_option_lists_the_valid_ones():
     message = _one_line_error(GUIDANCE, "noisetilt:betta=0.05", resources=RES)
     assert message.startswith("unknown option 'betta' for guidance 'noisetilt'; valid: reward=class_logp, "
-                              "rho=beta_matched, strength=1.0, beta=1.0, grad_wrt=x_t, tile=8")
+                              "rho=search_matched, strength=1.0, beta=1.0, grad_wrt=x_t, tile=8")
     assert "resources" not in message  # supplied by the caller, not an option
     message = _one_line_error(SOLVERS, "unipc_bh2:order=5")
     assert message == ("unknown option 'order' for solver 'unipc_bh2'; valid: predictor_order=2, variant=bh2, "
