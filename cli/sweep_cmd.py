@@ -8,7 +8,7 @@ the sweep, also when it stops on an error or Ctrl-C (the finished cells are kept
 ``results.md`` says to re-run the same command to resume).
 
 Several processes: ``torchrun --nproc_per_node=K -m diffsample.cli.main sweep ...`` (or
-``accelerate launch -m diffsample.cli.main sweep ...``) deals each cell's batches to the ranks; rank
+``accelerate launch --multi_gpu -m diffsample.cli.main sweep ...``) deals each cell's batches to the ranks; rank
 0 gathers, scores and writes (see :mod:`diffsample.run.sweep`)."""
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from diffsample.testbed import DEFAULT_METRIC, METRICS
 
 
 def _init_distributed() -> bool:
-    """Join the process group a launcher (torchrun, accelerate) describes in the environment;
-    gloo on CPU. Returns whether this call initialised it."""
+    """Join the process group a launcher (torchrun, accelerate) describes in the environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), with the gloo backend: the sweep
+    runs its model on the CPU and exchanges only pickled samples. Returns whether this call
+    initialised it."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("DIFFSAMPLE_DIST_BACKEND") != "gloo"
-                            else "gloo")
+    dist.init_process_group("gloo")
     return True
 
 
