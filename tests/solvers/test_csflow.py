@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from diffsample.samplers import Sampler
-from diffsample.solvers import SOLVERS, STEP_SCHEDULES, VE, DiscreteVP, LinearVP, RectifiedFlow
+from diffsample.solvers import SOLVERS, STEP_SCHEDULES, VE, DiscreteVP, Grid, LinearVP, RectifiedFlow
 from diffsample.solvers.csflow import (CSFlow, CSFlowSpectrumWarning, barten_csf, csflow_quantiles, mixed_cdf,
                                        pixels_per_degree, retained_signal)
 from diffsample.solvers.spectrum import Spectrum, bundled_spectra, load_spectrum, radial_bins, rapsd, save_spectrum
@@ -266,6 +266,36 @@ def test_g4_order_kept(name, order, ns):
               for n in steps]
     slope = -np.polyfit(np.log(steps[1:]), np.log(errors[1:]), 1)[0]  # 8 steps: pre-asymptotic
     assert abs(slope - order) < 0.25, (slope, errors)
+
+
+# ---- Heun (EDM form) on a csflow grid ---------------------------------------------------------------
+
+def test_heun_extrapolates_the_denoised_estimates_on_csflow_first_step():
+    """Why ``heun`` fails on csflow grids at few steps (docs/methods/csflow.md, Heun). ``heun`` is EDM's
+    trapezoid in the VE sigma: on a step ``s0 -> s1`` (ratio ``r = s0 / s1``) with denoised estimates
+    ``D0`` at the start and ``D1`` at the Euler-predicted point its update is exactly
+    ``y1 = D0 + (r - 1) / 2 (D1 - D0) + (s1 / s0) (y0 - D0)`` (``y = x / alpha``): for ``r > 3`` it
+    extrapolates past ``D1``. csflow's grid is uniform in flow time, so its first step from the
+    DDPM schedule's ``s = 157`` is a ratio of ~12 at 10 steps (the extrapolation weight 5.5), where
+    ``D`` changes most (from about the data mean to a blurred digit); karras' is 1.8."""
+    ns = SCHEDULES["discreteVP"]
+    t = CSFlow(spectrum="mnist")(ns, 10)
+    grid = Grid.from_t(ns, t, final_zero=True)
+    d0, d1 = torch.full((1, 3), 0.2, dtype=torch.float64), torch.tensor([[1.0, -1.0, 0.5]], dtype=torch.float64)
+    x0 = torch.tensor([[3.0, -7.0, 11.0]], dtype=torch.float64)
+
+    def denoise(x, t_, cond=None):
+        return d0 if abs(float(t_.flatten()[0]) - grid.t_list[0]) < 1e-9 else d1
+
+    x1, _ = SOLVERS.create("heun").step(denoise, x0, grid, 0, None)
+    s0, s1 = grid.sigma_list[0] / grid.alpha_list[0], grid.sigma_list[1] / grid.alpha_list[1]
+    r = s0 / s1
+    expected = d0 + (r - 1) / 2 * (d1 - d0) + (s1 / s0) * (x0 / grid.alpha_list[0] - d0)
+    torch.testing.assert_close(x1 / grid.alpha_list[1], expected, rtol=1e-12, atol=1e-12)
+    assert r > 10  # csflow: s 157 -> 13
+    karras = STEP_SCHEDULES.create("karras")(ns, 10)
+    sk = (ns.sigma(karras) / ns.alpha(karras))[:2]
+    assert float(sk[0] / sk[1]) < 3  # karras: s 157 -> 86, an interpolation
 
 
 # ---- RAPSD ------------------------------------------------------------------------------------------
