@@ -129,7 +129,9 @@ SOLVERS.add("tcd", _P + "consistency:TCD", "TCD strategic stochastic sampling: j
             meanings={"gamma": "stochasticity in [0, 1] (diffusers' eta): 0 deterministic (DDIM), 1 re-noise from x0"},
             gamma=0.3)
 SOLVERS.add("heun", _P + "heun:Heun", "Heun (EDM Alg. 1, no churn); order 2, 2 NFE/step (1 on the step to sigma=0)",
-            aliases=("k_heun", "sample_heun"))
+            aliases=("k_heun", "sample_heun"),
+            meanings={"space": "coordinates of the trapezoid: ve (EDM, x / alpha and sigma / alpha) or flow "
+                               "(x / (alpha + sigma), sigma / (alpha + sigma); use it with csflow grids)"})
 SOLVERS.add("dpmpp_2m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(2M) multistep; order 2, 1 NFE/step",
             aliases=("k_dpmpp_2m", "sample_dpmpp_2m"), meanings=_DPM, order=2)
 SOLVERS.add("dpmpp_3m", _P + "dpm_solver:DPMSolverPP", "DPM-Solver++(3M) multistep; order 3, 1 NFE/step",
