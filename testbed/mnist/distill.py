@@ -35,7 +35,14 @@ grids, which nest: 8 steps ``[999, 874, ..., 124]`` -> 4 ``[999, 749, 499, 249]`
 Each stage's loss is the v-space MSE ``|F - F_target|^2``, where ``F_target`` is the v that gives
 the target ``x~`` at the row's ``z_t`` (Salimans & Ho eq. 8: ``x~ = (z'' - s'' / s z) / (a'' - s'' / s
 a)`` for the two-step DDIM endpoint ``z''``; the last interval's target is the teacher's endpoint
-itself); this is the x-space MSE weighted by ``SNR + 1``. Label dropout (15 %, the teacher's) keeps
+itself); this is the x-space MSE weighted by ``SNR + 1``. Inside the target DDIM steps the teacher's
+``denoised`` is clamped to the data range [-1, 1] (``--clip-x``, on by default; the teacher's
+scheduler config has ``clip_sample=True`` too): the eps teacher's ``denoised`` at t = 999 is
+``(z - sigma eps^) / alpha`` with alpha = 0.0064, its eps error amplified ~156 times (measured range
+about -13..9), and eq. 8 divides that error's effect on ``z''`` by ``alpha'' - sigma'' / sigma alpha
+~ 0.014``, so without the clamp the t = 999 targets are dominated by unlearnable teacher error (mean
+square of the v target 3.2 against 0.7-0.9 elsewhere) and the first stage's loss stalls near 0.24
+(``--no-clip-x`` reproduces this). Label dropout (15 %, the teacher's) keeps
 the null class, so classifier-free guidance works on every student. Targets use the teacher at
 CFG scale 1 (the plain conditional model). Adam, linear warm-up then linear decay to 0, gradient
 clipping 1.0, batch ``--batch``, one thread. Weights are saved in float16 safetensors with their
@@ -114,9 +121,12 @@ class PerStep:
         return out
 
 
-def ddim_step(model, z, t, t_next, y, ns: DiscreteVP) -> torch.Tensor:
-    """One deterministic DDIM step from ``t`` to ``t_next`` (``t_next < 0``: to sigma = 0)."""
+def ddim_step(model, z, t, t_next, y, ns: DiscreteVP, clip_x: bool = False) -> torch.Tensor:
+    """One deterministic DDIM step from ``t`` to ``t_next`` (``t_next < 0``: to sigma = 0);
+    ``clip_x`` clamps the model's ``denoised`` to the data range [-1, 1] first."""
     d = model.denoised(z, t, y)
+    if clip_x:
+        d = d.clamp(-1.0, 1.0)
     clean = t_next < 0
     tn = t_next.clamp(min=0)
     a, s = ns.alpha(t).float()[:, None, None, None], ns.sigma(t).float()[:, None, None, None]
@@ -128,7 +138,7 @@ def ddim_step(model, z, t, t_next, y, ns: DiscreteVP) -> torch.Tensor:
 
 def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tensor, substeps: int,
           data: tuple[torch.Tensor, torch.Tensor], steps: int, batch: int, lr: float, seed: int,
-          params: list[torch.nn.Parameter], endpoint_target: bool = False) -> dict:
+          params: list[torch.nn.Parameter], endpoint_target: bool = False, clip_x: bool = True) -> dict:
     """Train ``student`` (a :class:`Net` or :class:`PerStep`) to match ``substeps`` DDIM steps of
     ``teacher`` per interval of ``student_grid`` (or, with ``endpoint_target``, the teacher's whole
     run from ``t = student_grid[0]`` to sigma = 0 from a pure-noise start)."""
@@ -158,7 +168,7 @@ def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tenso
                 zz, tt = z, t
                 for j in range(len(teacher.grid)):
                     tn = teacher.grid[j + 1] if j + 1 < len(teacher.grid) else torch.tensor(-1.0, dtype=torch.float64)
-                    zz = ddim_step(teacher, zz, tt, tn.expand(batch), y, ns)
+                    zz = ddim_step(teacher, zz, tt, tn.expand(batch), y, ns, clip_x)
                     tt = tn.expand(batch)
                 x_target = zz
             else:
@@ -172,7 +182,7 @@ def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tenso
                     tn = torch.round(t + frac * (end0 - t)) if j + 1 < substeps else t_end
                     if j + 1 < substeps:
                         tn = torch.where(t_end < 0, torch.round(t + frac * (-1.0 - t)).clamp(min=0), tn)
-                    zz = ddim_step(teacher, zz, tt, tn, y, ns)
+                    zz = ddim_step(teacher, zz, tt, tn, y, ns, clip_x)
                     tt = tn
                 last = t_end < 0
                 tn = t_end.clamp(min=0)
@@ -203,7 +213,7 @@ def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tenso
             log(f"{name} step {step}/{steps} loss {m:.4f} (wall {time.time() - t0w:.0f}s, "
                 f"cpu {time.process_time() - c0:.0f}s)")
             run = 0.0
-    return dict(steps=steps, batch=batch, lr=lr, seed=seed, substeps=substeps, wall_s=round(time.time() - t0w, 1),
+    return dict(steps=steps, batch=batch, lr=lr, seed=seed, substeps=substeps, clip_x=clip_x, wall_s=round(time.time() - t0w, 1),
                 cpu_s=round(time.process_time() - c0, 1), grid=[float(v) for v in student_grid],
                 final_loss=history[-1]["loss"], history=history)
 
@@ -225,13 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the student weights and distill_log.json")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--first-substeps", type=int, default=4, help="teacher DDIM steps per interval of the 8-step stage")
-    p.add_argument("--steps-8", type=int, default=200)
-    p.add_argument("--steps-4", type=int, default=200)
-    p.add_argument("--steps-2", type=int, default=200, help="steps of the pd-2 stage and of the decoupled stage")
-    p.add_argument("--steps-mfd", type=int, default=150)
+    p.add_argument("--steps-8", type=int, default=800)
+    p.add_argument("--steps-4", type=int, default=600)
+    p.add_argument("--steps-2", type=int, default=600, help="steps of the pd-2 stage and of the decoupled stage")
+    p.add_argument("--steps-mfd", type=int, default=400)
+    p.add_argument("--clip-x", action=argparse.BooleanOptionalAction, default=True,
+                   help="clamp the teacher's denoised to [-1, 1] in the target DDIM steps (see the module docstring)")
     p.add_argument("--only", choices=["pd", "decoupled", "mfd"], nargs="*", default=None,
                    help="run only these stages (later stages read the earlier students from --out)")
     a = p.parse_args(argv)
@@ -280,31 +292,32 @@ def main(argv: list[str] | None = None) -> None:
     if "pd" in only:
         s8 = student_from(base)
         info = stage("pd-8", s8, teacher, ns, g8, a.first_substeps, data, a.steps_8, a.batch, a.lr, a.seed,
-                     list(s8.unet.parameters()))
+                     list(s8.unet.parameters()), clip_x=a.clip_x)
         done("pd-8", [s8], tuple(g8.tolist()), info)
         s8.unet.eval().requires_grad_(False)
         s4 = student_from(s8.unet)
         info = stage("mnist-pd-4", s4, s8, ns, g4, 2, data, a.steps_4, a.batch, a.lr, a.seed + 1,
-                     list(s4.unet.parameters()))
+                     list(s4.unet.parameters()), clip_x=a.clip_x)
         done("mnist-pd-4", [s4], tuple(g4.tolist()), info)
         pd4 = Net(load_student("mnist-pd-4")[0], "v_prediction", ns)  # as shipped (float16), as in stage 4
         s2 = student_from(pd4.unet)
         info = stage("mnist-pd-2", s2, pd4, ns, g2, 2, data, a.steps_2, a.batch, a.lr, a.seed + 2,
-                     list(s2.unet.parameters()))
+                     list(s2.unet.parameters()), clip_x=a.clip_x)
         done("mnist-pd-2", [s2], tuple(g2.tolist()), info)
     if "decoupled" in only:
         pd4 = Net(load_student("mnist-pd-4")[0], "v_prediction", ns)
         nets = [student_from(pd4.unet) for _ in range(2)]
         dec = PerStep(nets, g2)
         params = [q for n in nets for q in n.unet.parameters()]
-        info = stage("mnist-decoupled-2", dec, pd4, ns, g2, 2, data, a.steps_2, a.batch, a.lr, a.seed + 2, params)
+        info = stage("mnist-decoupled-2", dec, pd4, ns, g2, 2, data, a.steps_2, a.batch, a.lr, a.seed + 2, params,
+                     clip_x=a.clip_x)
         done("mnist-decoupled-2", nets, tuple(g2.tolist()), info)
     if "mfd" in only:
         dnets = [Net(u, "v_prediction", ns) for u in load_student("mnist-decoupled-2")]
         teacher2 = PerStep(dnets, g2)
         s1 = student_from(dnets[0].unet)  # the network that already steps from t = 999
         info = stage("mnist-mfd-1", s1, teacher2, ns, g1, 1, data, a.steps_mfd, a.batch, a.lr, a.seed + 3,
-                     list(s1.unet.parameters()), endpoint_target=True)
+                     list(s1.unet.parameters()), endpoint_target=True, clip_x=a.clip_x)
         done("mnist-mfd-1", [s1], tuple(g1.tolist()), info)
     if log_path.exists():
         record["stages"] = json.loads(log_path.read_text()).get("stages", {}) | record["stages"]
