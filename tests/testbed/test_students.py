@@ -168,3 +168,26 @@ def test_guidance_on_a_student_noisetilt_raises_the_reward_and_cfg_counts_both_b
     assert logp(tilted.samples).mean() > logp(plain.samples).mean() + 0.05
     cfg = diffsample.generate(cfg_scale=2.0, **common)
     assert cfg.record["nfe"] == 4 and cfg.record["model_evals"] == 8 and torch.isfinite(cfg.samples).all()
+
+
+def test_distillation_targets_clamp_the_teachers_denoised_to_the_data_range():
+    """``--clip-x`` (default): the target DDIM step uses ``clamp(denoised, -1, 1)``, exactly
+    ``z' = alpha' d + sigma' (z - alpha d) / sigma`` with the clamped ``d``; to sigma = 0 it returns ``d``."""
+    from diffsample.testbed.mnist import distill
+
+    class Wild:  # a teacher whose data prediction is far outside [-1, 1], as the eps teacher's at t = 999
+        def denoised(self, z, t, y):
+            return torch.full_like(z, 7.0) * torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+
+    ns = DiscreteVP.from_config({})
+    z = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t, t_next, y = torch.full((2,), 999.0, dtype=torch.float64), torch.full((2,), 874.0, dtype=torch.float64), None
+    d = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+    a, s = ns.alpha(t).float().view(-1, 1, 1, 1), ns.sigma(t).float().view(-1, 1, 1, 1)
+    an, sn = ns.alpha(t_next).float().view(-1, 1, 1, 1), ns.sigma(t_next).float().view(-1, 1, 1, 1)
+    out = distill.ddim_step(Wild(), z, t, t_next, y, ns, clip_x=True)
+    torch.testing.assert_close(out, an * d + sn * (z - a * d) / s)
+    end = distill.ddim_step(Wild(), z, t, torch.full((2,), -1.0, dtype=torch.float64), y, ns, clip_x=True)
+    assert torch.equal(end, d.expand_as(z))
+    unclipped = distill.ddim_step(Wild(), z, t, torch.full((2,), -1.0, dtype=torch.float64), y, ns)
+    assert unclipped.abs().max() == 7.0
