@@ -98,7 +98,7 @@ def _print_models(models: dict, cfg: bool = False) -> None:
     is given) and summary; with ``cfg``, the CFG policy too."""
     click.echo("models:")
     for name, info in models.items():
-        click.echo(f"  {name:<18s} {info.solver} / {info.schedule} / {info.steps} step{"" if info.steps == 1 else "s"}; {info.summary}")
+        click.echo(f"  {name:<18s} {info.solver} / {info.schedule} / {info.steps} step{'' if info.steps == 1 else 's'}; {info.summary}")
         if cfg:
             click.echo(f"  {'':<18s} CFG: {info.cfg}")
 
