@@ -105,7 +105,8 @@ def test_unknown_option_lists_the_valid_ones():
     message = _one_line_error(SOLVERS, "unipc_bh2:order=5")
     assert message == ("unknown option 'order' for solver 'unipc_bh2'; valid: predictor_order=2, variant=bh2, "
                        "corrector=True, lower_order_final=True")
-    assert _one_line_error(SOLVERS, "heun:eta=1") == "unknown option 'eta' for solver 'heun'; valid: (none: it takes no options)"
+    assert _one_line_error(SOLVERS, "heun:eta=1") == "unknown option 'eta' for solver 'heun'; valid: space=ve"
+    assert _one_line_error(SOLVERS, "heunpp2:eta=1") == "unknown option 'eta' for solver 'heunpp2'; valid: (none: it takes no options)"
     assert _one_line_error(GUIDANCE, "cfg", resources=RES, bogus=1).startswith("unknown option 'bogus' for guidance 'cfg'")
 
 
