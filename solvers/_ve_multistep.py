@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 from torch import Tensor
+
+from diffsample.solvers.solver import Denoise, Grid, call_denoise
 
 
 class SlopeHistory(NamedTuple):
@@ -52,6 +54,41 @@ def ve_step(denoised: Tensor, d: Tensor, alpha_next: float, s: float, s_next: fl
     for c, d_prev in zip(coeffs[1:], ds_prev):
         y = y + (h * c) * (d_prev - d)
     return alpha_next * y
+
+
+def multistep_step(
+    denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, max_order: int,
+    weights: Callable[[int, SlopeHistory, float, float], Sequence[float]], *,
+    final_is_denoised: bool = True, order_cap: int | None = None,
+) -> tuple[Tensor, SlopeHistory]:
+    """One step ``i -> i + 1`` of a VE linear multistep method (iPNDM, DEIS, LMS): evaluates ``D`` and
+    ``d = eps`` at ``x`` (1 denoiser call), keeps the last ``max_order`` finite-``s`` slopes in the
+    history (a slope at ``s = inf`` is dropped), and takes :func:`ve_step` with order
+    ``k = min(max_order, len(history), order_cap)`` and the method's weights
+    ``weights(k, history, s, s_next)`` (newest first, ``k`` of them; called only for ``k >= 2``).
+
+    ``final_is_denoised``: the step to ``sigma = 0`` returns ``alpha_next * D`` (iPNDM, DEIS) instead
+    of integrating to ``s = 0`` (LMS).
+
+    Returns:
+        ``(x_next, history)``, ``x_next`` of the shape of ``x``.
+    """
+    alpha, sigma = grid.alpha_list[i], grid.sigma_list[i]
+    alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
+    denoised = call_denoise(denoise, x, grid.t_list[i])
+    d = eps_of(x, denoised, alpha, sigma)
+    s = sigma / alpha if alpha > 0 else math.inf
+    keep = max_order - 1
+    history = SlopeHistory((d,) + state.d[:keep], (s,) + state.s[:keep]) if math.isfinite(s) else SlopeHistory()
+    if final_is_denoised and sigma_next == 0.0:
+        return alpha_next * denoised, history
+    s_next = sigma_next / alpha_next
+    order = min(max_order, len(history.d)) if history.d else 1
+    if order_cap is not None:
+        order = min(order, order_cap)
+    if order == 1:
+        return ve_step(denoised, d, alpha_next, s, s_next), history
+    return ve_step(denoised, d, alpha_next, s, s_next, weights(order, history, s, s_next), history.d[1:order]), history
 
 
 @lru_cache(maxsize=4)

@@ -9,8 +9,8 @@ from typing import Literal
 import numpy as np
 from torch import Tensor
 
-from diffsample.solvers._ve_multistep import SlopeHistory, eps_of, lagrange_integrals, ve_step
-from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers._ve_multistep import SlopeHistory, lagrange_integrals, multistep_step
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn
 
 
 # tAB-DEIS's time: the VP time of a fixed linear-beta VP process whose VE sigma spans EDM's [0.002, 80] on
@@ -83,21 +83,9 @@ class DEIS:
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, noise_fn: NoiseFn | None = None
     ) -> tuple[Tensor, SlopeHistory]:
-        alpha, sigma = grid.alpha_list[i], grid.sigma_list[i]
-        alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
-        denoised = call_denoise(denoise, x, grid.t_list[i])
-        d = eps_of(x, denoised, alpha, sigma)
-        s = sigma / alpha if alpha > 0 else math.inf
-        keep = self.order - 1
-        history = SlopeHistory((d,) + state.d[:keep], (s,) + state.s[:keep]) if math.isfinite(s) else SlopeHistory()
-        if sigma_next == 0.0:
-            return alpha_next * denoised, history
-        s_next = sigma_next / alpha_next
-        order = min(self.order, len(history.d)) if history.d else 1
-        if self.lower_order_final and grid.steps < 15:
-            order = min(order, grid.steps - i)
-        if order == 1:
-            return ve_step(denoised, d, alpha_next, s, s_next), history
+        order_cap = grid.steps - i if self.lower_order_final and grid.steps < 15 else None
+        return multistep_step(denoise, x, grid, i, state, self.order, self._weights, order_cap=order_cap)
+
+    def _weights(self, order: int, history: SlopeHistory, s: float, s_next: float) -> list[float]:
         integrals = lagrange_integrals(list(history.s[:order]), s, s_next, _BASES[self.basis])
-        weights = [c / (s_next - s) for c in integrals]
-        return ve_step(denoised, d, alpha_next, s, s_next, weights, history.d[1:order]), history
+        return [c / (s_next - s) for c in integrals]

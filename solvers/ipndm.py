@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from torch import Tensor
 
-from diffsample.solvers._ve_multistep import SlopeHistory, eps_of, ve_step
-from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers._ve_multistep import SlopeHistory, multistep_step
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn
 
 # Adams-Bashforth weights for a uniform step (newest slope first), orders 1-4.
 _AB = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
@@ -101,22 +100,10 @@ class IPNDM:
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, noise_fn: NoiseFn | None = None
     ) -> tuple[Tensor, SlopeHistory]:
-        alpha, sigma = grid.alpha_list[i], grid.sigma_list[i]
-        alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
-        denoised = call_denoise(denoise, x, grid.t_list[i])
-        d = eps_of(x, denoised, alpha, sigma)
-        s = sigma / alpha if alpha > 0 else math.inf
-        keep = self.max_order - 1
-        history = SlopeHistory((d,) + state.d[:keep], (s,) + state.s[:keep]) if math.isfinite(s) else SlopeHistory()
-        if sigma_next == 0.0:
-            return alpha_next * denoised, history
-        s_next = sigma_next / alpha_next
-        order = min(self.max_order, len(history.d)) if history.d else 1
-        if order == 1:
-            return ve_step(denoised, d, alpha_next, s, s_next), history
+        return multistep_step(denoise, x, grid, i, state, self.max_order, self._weights)
+
+    def _weights(self, order: int, history: SlopeHistory, s: float, s_next: float) -> tuple[float, ...]:
         if self.variable:
             nodes = (s_next,) + history.s[:order]
-            weights = variable_step_weights(order, [nodes[k] - nodes[k + 1] for k in range(order)])
-        else:
-            weights = _AB[order - 1]
-        return ve_step(denoised, d, alpha_next, s, s_next, weights, history.d[1:order]), history
+            return variable_step_weights(order, [nodes[k] - nodes[k + 1] for k in range(order)])
+        return _AB[order - 1]

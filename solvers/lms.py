@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from diffsample.solvers._ve_multistep import SlopeHistory, eps_of, lagrange_integrals, ve_step
-from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
+from diffsample.solvers._ve_multistep import SlopeHistory, lagrange_integrals, multistep_step
+from diffsample.solvers.solver import Denoise, Grid, NoiseFn
 
 
 @dataclass(frozen=True)
@@ -54,16 +53,8 @@ class LMS:
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, noise_fn: NoiseFn | None = None
     ) -> tuple[Tensor, SlopeHistory]:
-        alpha, sigma = grid.alpha_list[i], grid.sigma_list[i]
-        alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
-        denoised = call_denoise(denoise, x, grid.t_list[i])
-        d = eps_of(x, denoised, alpha, sigma)
-        s = sigma / alpha if alpha > 0 else math.inf
-        keep = self.order - 1
-        history = SlopeHistory((d,) + state.d[:keep], (s,) + state.s[:keep]) if math.isfinite(s) else SlopeHistory()
-        s_next = sigma_next / alpha_next
-        order = min(self.order, len(history.d)) if history.d else 1
-        if order == 1:
-            return ve_step(denoised, d, alpha_next, s, s_next), history
-        weights = [c / (s_next - s) for c in lagrange_integrals(list(history.s[:order]), s, s_next, "sigma")]
-        return ve_step(denoised, d, alpha_next, s, s_next, weights, history.d[1:order]), history
+        return multistep_step(denoise, x, grid, i, state, self.order, _weights, final_is_denoised=False)
+
+
+def _weights(order: int, history: SlopeHistory, s: float, s_next: float) -> list[float]:
+    return [c / (s_next - s) for c in lagrange_integrals(list(history.s[:order]), s, s_next, "sigma")]
