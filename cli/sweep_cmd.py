@@ -73,16 +73,23 @@ def _read_prompts(prompt, prompts_file) -> list[str] | None:
 @click.option("--metric", default=DEFAULT_METRIC, show_default=True,
               help="Score each cell: " + "; ".join(f"{name}: {m.summary}" for name, m in METRICS.items())
                    + "; reward:SPEC: mean of a reward (diffsample list rewards); clip-score: CLIP score of each "
-                     "image against its prompt with --clip-weights; none: no score (tables show wall time).")
+                     "image against its prompt with --clip-weights; fid: FID in Inception-v3 features with "
+                     "--fid-weights against --fid-reference; none: no score (tables show wall time).")
 @click.option("--clip-weights", type=click.Path(path_type=Path), default=None,
               help="Local CLIP model folder (transformers CLIPModel, safetensors) for --metric clip-score; "
                    "nothing is downloaded.")
+@click.option("--fid-weights", type=click.Path(path_type=Path), default=None,
+              help="Local safetensors file of the FID Inception-v3 (pytorch-fid's 2015-12-05 weights, converted "
+                   "once; see docs/sweeps.md) for --metric fid; nothing is downloaded.")
+@click.option("--fid-reference", type=click.Path(path_type=Path), default=None,
+              help="Folder of reference images for --metric fid (default for the bundled model: its 1,000 "
+                   "held-out digits).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Folder for results.jsonl (appended; re-running resumes), results.md, fd_vs_nfe.png, "
                    "xy_grid.png, report.html (all over every cell in the folder) and cells/.")
 @click.option("-q", "--quiet", is_flag=True)
 def sweep_cmd(model, solvers, schedules, steps, guidance, cfg_scale, prompt, prompts_file, num_samples, seed,
-              batch_size, metric, clip_weights, out, quiet):
+              batch_size, metric, clip_weights, fid_weights, fid_reference, out, quiet):
     """Run a solver x schedule x steps (x guidance) grid; one JSON line per finished cell.
 
     Under torchrun / accelerate launch the seeds of each cell are sharded over the processes; the
@@ -110,6 +117,8 @@ def sweep_cmd(model, solvers, schedules, steps, guidance, cfg_scale, prompt, pro
                              cfg_scale=cfg_scale, num_samples=num_samples, seed=seed, batch_size=batch_size,
                              metric=metric, prompts=prompts,
                              clip_weights=None if clip_weights is None else str(clip_weights),
+                             fid_weights=None if fid_weights is None else str(fid_weights),
+                             fid_reference=None if fid_reference is None else str(fid_reference),
                              log=(lambda s: None) if quiet or rank else click.echo,
                              warn=lambda s: click.echo(f"warning: {s}", err=True))
             finished = True

@@ -246,14 +246,16 @@ def run_sweep(model: LoadedModel | PipelineModel, out_dir: str | os.PathLike, *,
               schedules: Sequence[str], steps: Sequence[int], guidance: Sequence[Sequence[str]] = ((),),
               cfg_scale: float | None = None, num_samples: int = 1000, seed: int = 0, batch_size: int = 250,
               metric: str = DEFAULT_METRIC, prompts: Sequence[str] | None = None, clip_weights: str | None = None,
+              fid_weights: str | None = None, fid_reference: str | None = None,
               log: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Run every cell not yet in ``out_dir/results.jsonl``; return all rows of this grid (on
     rank 0 of a distributed run; the other ranks return ``[]``).
 
     ``metric``: see :mod:`diffsample.run.sweep_metrics` (``mnist-fd``, ``none``, ``reward:SPEC``,
-    ``clip-score`` with ``clip_weights``). ``prompts``: the prompt list of a pipeline folder (each
-    prompt gets seeds ``seed .. seed + num_samples - 1``); refused for other models. ``warn``
-    receives the line about skipped lines of ``results.jsonl`` (:func:`read_results`).
+    ``clip-score`` with ``clip_weights``, ``fid`` with ``fid_weights`` and ``fid_reference``).
+    ``prompts``: the prompt list of a pipeline folder (each prompt gets seeds
+    ``seed .. seed + num_samples - 1``); refused for other models. ``warn`` receives the line
+    about skipped lines of ``results.jsonl`` (:func:`read_results`).
 
     Raises:
         ValueError: unknown solver / schedule / guidance / metric, a metric that does not fit the
@@ -274,7 +276,8 @@ def run_sweep(model: LoadedModel | PipelineModel, out_dir: str | os.PathLike, *,
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    scorer = build_metric(metric, model, clip_weights=clip_weights)
+    scorer = build_metric(metric, model, clip_weights=clip_weights, fid_weights=fid_weights,
+                          fid_reference=fid_reference)
     cells = list(itertools.product(solvers, schedules, steps, [tuple(g) for g in guidance]))
     for solver, schedule, n, terms in cells:  # validate everything first
         sampler = build_sampler(solver, schedule, n)

@@ -10,6 +10,11 @@
 * ``clip-score`` -- 100 cos(CLIP image, CLIP text) of each image against its own prompt, with a
   CLIP model from a local folder (``clip_weights``, a transformers ``CLIPModel`` saved with
   safetensors; arXiv 2104.08718). Nothing is ever downloaded.
+* ``fid`` -- FID (arXiv 1706.08500): Fréchet distance in the 2048-d pool3 features of the
+  2015-12-05 Inception-v3 (:mod:`diffsample.run.fid_inception`, weights from a local safetensors
+  file ``fid_weights``) between the cell's images and a reference set: the images of the folder
+  ``fid_reference``, or, for the bundled MNIST model, its 1,000 held-out digits. Computed by
+  ``torchmetrics``' ``FrechetInceptionDistance`` with that network as its feature module.
 
 Every scorer is built (and its files checked) before the first cell runs, so a bad metric writes
 nothing.
@@ -24,10 +29,10 @@ from typing import Any
 
 from diffsample.testbed import METRICS as TESTBED_METRICS
 
-NO_METRIC, REWARD_PREFIX, CLIP_SCORE = "none", "reward:", "clip-score"
+NO_METRIC, REWARD_PREFIX, CLIP_SCORE, FID = "none", "reward:", "clip-score", "fid"
 METRICS = (*TESTBED_METRICS, NO_METRIC)
-"""Plain metric names; ``reward:SPEC`` and ``clip-score`` are accepted too (:func:`build_metric`)."""
-METRIC_FORMS = (*METRICS, "reward:SPEC", CLIP_SCORE)
+"""Plain metric names; ``reward:SPEC``, ``clip-score`` and ``fid`` are accepted too (:func:`build_metric`)."""
+METRIC_FORMS = (*METRICS, "reward:SPEC", CLIP_SCORE, FID)
 """What ``--metric`` accepts, for messages."""
 
 
@@ -41,13 +46,15 @@ def row_metric(row: dict[str, Any]) -> str:
 
 def headline(metric: str) -> str:
     """The row key tables and plots show for ``metric``: the testbed metric's headline score,
-    ``reward_mean``, ``clip_score``, or ``wall_time_s`` for ``"none"``."""
+    ``reward_mean``, ``clip_score``, ``fid``, or ``wall_time_s`` for ``"none"``."""
     if metric in TESTBED_METRICS:
         return TESTBED_METRICS[metric].headline
     if metric.startswith(REWARD_PREFIX):
         return "reward_mean"
     if metric == CLIP_SCORE:
         return "clip_score"
+    if metric == FID:
+        return "fid"
     return "wall_time_s"
 
 
@@ -59,7 +66,7 @@ def lower_is_better(metric: str) -> bool:
 
 def known_metric(metric: Any) -> bool:
     """Whether ``metric`` is a form :func:`build_metric` accepts (without building it)."""
-    return isinstance(metric, str) and (metric in METRICS or metric == CLIP_SCORE
+    return isinstance(metric, str) and (metric in METRICS or metric in (CLIP_SCORE, FID)
                                         or (metric.startswith(REWARD_PREFIX) and len(metric) > len(REWARD_PREFIX)))
 
 
@@ -82,13 +89,16 @@ class SweepMetric:
     score: Scorer
 
 
-def build_metric(metric: str, model: Any, *, clip_weights: str | None = None) -> SweepMetric:
+def build_metric(metric: str, model: Any, *, clip_weights: str | None = None, fid_weights: str | None = None,
+                 fid_reference: str | None = None) -> SweepMetric:
     """The scorer of ``metric`` for ``model`` (a ``LoadedModel`` or ``PipelineModel``).
 
     Raises:
         ValueError: unknown metric (listing the valid forms); a testbed metric on a model it does
             not fit; a reward spec that does not resolve; ``clip-score`` without ``clip_weights`` or
-            with a folder that is not a local CLIP model; ``clip-score`` on a model without prompts.
+            with a folder that is not a local CLIP model; ``clip-score`` on a model without prompts;
+            ``fid`` without ``fid_weights``, with a file that is not the FID Inception network in
+            safetensors, or without a usable reference set (fewer than 2 readable images).
     """
     if not known_metric(metric):
         raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRIC_FORMS)}")
@@ -102,6 +112,8 @@ def build_metric(metric: str, model: Any, *, clip_weights: str | None = None) ->
         return SweepMetric(metric, lambda samples, images, classes, prompts: testbed.score(samples, classes))
     if metric.startswith(REWARD_PREFIX):
         return SweepMetric(metric, _reward_scorer(metric[len(REWARD_PREFIX):], model))
+    if metric == FID:
+        return SweepMetric(metric, _fid_scorer(model, fid_weights, fid_reference))
     return SweepMetric(metric, _clip_scorer(model, clip_weights))
 
 
@@ -161,5 +173,73 @@ def _clip_scorer(model: Any, clip_weights: str | None) -> Scorer:
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
         return {"clip_score": mean, "clip_score_std": std}
+
+    return score
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+"""The files of an FID reference folder that are read (case-insensitive)."""
+
+
+def _reference_images(model: Any, fid_reference: str | None) -> list[Any]:
+    """The FID reference set as a list of ``(1, C, H, W)`` tensors in [0, 1]."""
+    import os
+
+    import torch
+
+    if fid_reference is None:
+        if "mnist-fd" not in getattr(model, "metrics", ()):
+            raise ValueError(f"metric {FID!r} needs a folder of reference images for model {model.name!r}: "
+                             "give --fid-reference FOLDER")
+        from diffsample.testbed.mnist.data import load_digits
+
+        digits, _ = load_digits("heldout")
+        return list(((digits.to(torch.float32).clamp(-1, 1) + 1) / 2).split(1))
+    if not os.path.isdir(fid_reference):
+        raise ValueError(f"FID reference {fid_reference!r}: no such folder")
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for name in sorted(os.listdir(fid_reference)):
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        try:
+            with Image.open(os.path.join(fid_reference, name)) as im:
+                array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"FID reference {fid_reference!r}: cannot read {name!r} ({exc})") from None
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1)[None])
+    if len(images) < 2:
+        raise ValueError(f"FID reference {fid_reference!r} holds {len(images)} image(s) "
+                         f"({', '.join(IMAGE_SUFFIXES)}); FID needs at least 2")
+    return images
+
+
+def _fid_scorer(model: Any, fid_weights: str | None, fid_reference: str | None) -> Scorer:
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from diffsample.run.fid_inception import load_fid_inception
+
+    if fid_weights is None:
+        raise ValueError(f"metric {FID!r} needs the FID Inception weights as a local safetensors file: give "
+                         "--fid-weights PATH (nothing is downloaded)")
+    net = load_fid_inception(fid_weights)
+    reference = _reference_images(model, fid_reference)
+    fid = FrechetInceptionDistance(feature=net, reset_real_features=False, sync_on_compute=False)
+    with torch.no_grad():  # the reference statistics are computed once, before any cell runs
+        for image in reference:
+            fid.update(image, real=True)
+
+    def score(samples, images, classes, prompts) -> dict[str, float]:
+        if len(images) < 2:
+            raise ValueError(f"metric {FID!r} needs at least 2 images per cell, got {len(images)}")
+        fid.reset()  # keeps the reference features
+        x = images.to(torch.float32).clamp(0, 1)
+        with torch.no_grad():
+            for i in range(0, len(x), 50):
+                fid.update(x[i:i + 50], real=False)
+            return {"fid": float(fid.compute()), "fid_reference_n": float(len(reference))}
 
     return score

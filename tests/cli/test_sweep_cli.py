@@ -42,7 +42,7 @@ def test_pipeline_sweep_over_a_prompt_list(sd_folder, tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--metric", "clip-score"], "--clip-weights"),
     (["--metric", "clip-score", "--clip-weights", "/nonexistent/clip"], "/nonexistent/clip"),
-    (["--metric", "fid"], "unknown metric 'fid'"),
+    (["--metric", "fid"], "give --fid-weights PATH"),
     ([], "give --prompt"),
 ])
 def test_bad_pipeline_sweeps_write_nothing(sd_folder, tmp_path, args, fragment):

@@ -118,7 +118,8 @@ def test_best_configuration_per_nfe_with_accuracy_and_wall_time():
 def test_reward_metric_and_bad_metrics_write_nothing(mnist, tmp_path):
     rows = _sweep(mnist, tmp_path / "r", solvers=["euler"], steps=[2], metric="reward:ink")
     assert 0 <= rows[0]["reward_mean"] <= 1 and rows[0]["metric"] == "reward:ink"
-    for metric, message in [("fid", "unknown metric 'fid'; valid: mnist-fd, none, reward:SPEC, clip-score"),
+    for metric, message in [("fd", "unknown metric 'fd'; valid: mnist-fd, none, reward:SPEC, clip-score, fid"),
+                            ("fid", "give --fid-weights PATH"),
                             ("reward:nope", "nope"), ("clip-score", "--clip-weights")]:
         with pytest.raises(ValueError, match=message):
             sweep.run_sweep(mnist, tmp_path / "bad", solvers=["euler"], schedules=["karras"], steps=[2], metric=metric)

@@ -55,8 +55,8 @@ def test_sweep_refuses_a_metric_that_does_not_fit_the_model(tmp_path):
     with pytest.raises(ValueError, match=f"metric '{DEFAULT_METRIC}' needs the bundled MNIST model; use --metric none"):
         run_sweep(model, tmp_path / "a", solvers=["euler"], schedules=["karras"], steps=[2], num_samples=2)
     assert not (tmp_path / "a").exists()
-    with pytest.raises(ValueError, match="unknown metric 'fid'; valid: " + ", ".join(METRICS)):
-        run_sweep(model, tmp_path / "a", solvers=["euler"], schedules=["karras"], steps=[2], metric="fid")
+    with pytest.raises(ValueError, match="unknown metric 'fd'; valid: " + ", ".join(METRICS)):
+        run_sweep(model, tmp_path / "a", solvers=["euler"], schedules=["karras"], steps=[2], metric="fd")
     rows = run_sweep(model, tmp_path / "b", solvers=["euler"], schedules=["karras"], steps=[2], num_samples=2,
                      metric="none", log=lambda s: None)
     assert len(rows) == 1 and "mnist_fd" not in rows[0] and rows[0]["nfe"] == 2
