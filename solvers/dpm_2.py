@@ -9,9 +9,8 @@ import torch
 from torch import Tensor
 
 from diffsample.solvers._ve_multistep import eps_of
-from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
-from diffsample.solvers.transition import sample_kernel
+from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
 
 
 @dataclass(frozen=True)
@@ -69,8 +68,7 @@ class DPM2:
         alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
         denoised = call_denoise(denoise, x, grid.t_list[i])
         d = eps_of(x, denoised, alpha, sigma)
-        s = sigma / alpha if alpha > 0 else math.inf
-        s_down, s_up = ancestral_split(s, sigma_next / alpha_next, self.eta)
+        s, s_down, s_up = ancestral_split_at(grid, i, self.eta)
         if s_down == 0.0 or sigma_next == 0.0 or alpha == 0.0:
             mean = alpha_next * (denoised + s_down * d)
         else:
@@ -81,6 +79,4 @@ class DPM2:
             y_mid = denoised + s_mid * d
             d_mid = (y_mid - call_denoise(denoise, alpha_mid * y_mid, t_mid)) / s_mid
             mean = alpha_next * (x / alpha + (s_down - s) * d_mid)
-        if s_up > 0:
-            return sample_kernel(noise_fn, self, mean, alpha_next * s_up, grid, i), None
-        return mean, None
+        return ancestral_noise(noise_fn, self, mean, s_up, grid, i), None

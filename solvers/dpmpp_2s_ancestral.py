@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
 from diffsample.solvers.substep import from_pure_noise, point_at_lambda
-from diffsample.solvers.transition import sample_kernel
+from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,8 @@ class DPMSolverPP2SAncestral:
     def init(self, x: Tensor, grid: Grid) -> None:
         return None
 
-    def _split(self, grid: Grid, i: int) -> tuple[float, float, float]:
-        s = grid.sigma_list[i] / grid.alpha_list[i] if grid.alpha_list[i] > 0 else math.inf
-        s_next = grid.sigma_list[i + 1] / grid.alpha_list[i + 1]
-        return (s, *ancestral_split(s, s_next, self.eta))
-
     def nfe(self, grid: Grid) -> int:
-        splits = (self._split(grid, i) for i in range(grid.steps))
+        splits = (ancestral_split_at(grid, i, self.eta) for i in range(grid.steps))
         return sum(1 if (math.isinf(s) or s_down == 0.0) else 2 for s, s_down, _ in splits)
 
     def step(
@@ -76,7 +70,7 @@ class DPMSolverPP2SAncestral:
     ) -> tuple[Tensor, None]:
         alpha, alpha_next = grid.alpha_list[i], grid.alpha_list[i + 1]
         denoised = call_denoise(denoise, x, grid.t_list[i])
-        s, s_down, s_up = self._split(grid, i)
+        s, s_down, s_up = ancestral_split_at(grid, i, self.eta)
         if math.isinf(s):
             return from_pure_noise(self, x, denoised, grid, i, self.eta, noise_fn, self.s_noise), None
         if s_down == 0.0:
@@ -88,7 +82,4 @@ class DPMSolverPP2SAncestral:
             u = (alpha_mid * s_mid / (s * alpha)) * x + (alpha_mid * (1.0 - s_mid / s)) * denoised
             denoised_2 = call_denoise(denoise, u, t_mid)
             x_next = (alpha_next * s_down / (s * alpha)) * x + (alpha_next * (1.0 - s_down / s)) * denoised_2
-        std = alpha_next * s_up * self.s_noise
-        if std > 0 and grid.sigma_list[i + 1] > 0:
-            x_next = sample_kernel(noise_fn, self, x_next, std, grid, i)
-        return x_next, None
+        return ancestral_noise(noise_fn, self, x_next, s_up, grid, i, self.s_noise), None

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
-from diffsample.solvers.transition import sample_kernel
+from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
 
 
 @dataclass(frozen=True)
@@ -59,15 +57,11 @@ class Euler:
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: None, noise_fn: NoiseFn | None = None
     ) -> tuple[Tensor, None]:
-        alpha, alpha_next = grid.alpha_list[i], grid.alpha_list[i + 1]
-        sigma, sigma_next = grid.sigma_list[i], grid.sigma_list[i + 1]
+        alpha, alpha_next, sigma = grid.alpha_list[i], grid.alpha_list[i + 1], grid.sigma_list[i]
         denoised = call_denoise(denoise, x, grid.t_list[i])
-        s = sigma / alpha if alpha > 0 else math.inf  # a flow grid may start at t = 1 (alpha = 0)
-        s_down, s_up = ancestral_split(s, sigma_next / alpha_next, self.eta)
+        _, s_down, s_up = ancestral_split_at(grid, i, self.eta)  # s = inf on a flow grid's t = 1 (alpha = 0)
         # Deterministic move to s_down along the tangent through denoised (ratio = s_down / s).
         ratio = s_down * alpha / sigma
         x_next = (alpha_next * s_down / sigma) * x + (alpha_next * (1.0 - ratio)) * denoised
         # Fresh noise for the rest of the way to s_next.
-        if s_up > 0:
-            x_next = sample_kernel(noise_fn, self, x_next, alpha_next * s_up, grid, i)
-        return x_next, None
+        return ancestral_noise(noise_fn, self, x_next, s_up, grid, i), None

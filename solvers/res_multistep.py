@@ -9,9 +9,8 @@ from typing import NamedTuple
 from torch import Tensor
 
 from diffsample.solvers._ve_multistep import eps_of
-from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
-from diffsample.solvers.transition import sample_kernel
+from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
 
 
 class ResState(NamedTuple):
@@ -82,11 +81,9 @@ class ResMultistep:
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: ResState, noise_fn: NoiseFn | None = None
     ) -> tuple[Tensor, ResState]:
-        alpha, sigma = grid.alpha_list[i], grid.sigma_list[i]
-        alpha_next, sigma_next = grid.alpha_list[i + 1], grid.sigma_list[i + 1]
+        alpha, sigma, alpha_next = grid.alpha_list[i], grid.sigma_list[i], grid.alpha_list[i + 1]
         denoised = call_denoise(denoise, x, grid.t_list[i])
-        s = sigma / alpha if alpha > 0 else math.inf
-        s_down, s_up = ancestral_split(s, sigma_next / alpha_next, self.eta)
+        s, s_down, s_up = ancestral_split_at(grid, i, self.eta)
         new_state = ResState(denoised, s, s_down) if math.isfinite(s) else ResState()
         if s_down == 0.0 or state.denoised is None:
             # Euler / DDIM to s_down: y = D + s_down d.
@@ -98,6 +95,4 @@ class ResMultistep:
             b2 = phi2 / c2
             b1 = phi1 - b2
             mean = (alpha_next * s_down / sigma) * x + (alpha_next * h) * (b1 * denoised + b2 * state.denoised)
-        if s_up > 0:
-            return sample_kernel(noise_fn, self, mean, alpha_next * s_up, grid, i), new_state
-        return mean, new_state
+        return ancestral_noise(noise_fn, self, mean, s_up, grid, i), new_state

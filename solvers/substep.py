@@ -28,7 +28,7 @@ from torch import Tensor
 
 from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Grid, NoiseFn
-from diffsample.solvers.transition import sample_kernel
+from diffsample.solvers.transition import ancestral_noise, sample_kernel
 
 
 def substep_grid(grid: Grid, i: int, t_from: float, t_to: float) -> Grid:
@@ -80,6 +80,4 @@ def from_pure_noise(solver: object, x: Tensor, denoised: Tensor, grid: Grid, i: 
         return alpha_next * denoised
     s_down, s_up = ancestral_split(math.inf, sigma_next / alpha_next, eta)
     mean = alpha_next * denoised + (alpha_next * s_down / sigma) * x
-    if s_up * s_noise > 0:
-        return sample_kernel(noise_fn, solver, mean, alpha_next * s_up * s_noise, grid, i)
-    return mean
+    return ancestral_noise(noise_fn, solver, mean, s_up, grid, i, s_noise)

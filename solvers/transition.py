@@ -18,6 +18,7 @@ when a guidance term provides one); without one, :func:`sample_kernel` is exactl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,6 +26,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Grid, NoiseFn, require_noise
 
 
@@ -71,3 +73,23 @@ def sample_kernel(noise_fn: NoiseFn | None, solver: object, mean: Tensor, std: f
     if transition is None:
         return mean + std * fn(sigma, sigma_next)
     return transition(mean, std, grid, i, lambda: fn(sigma, sigma_next))
+
+
+def ancestral_split_at(grid: Grid, i: int, eta: float) -> tuple[float, float, float]:
+    """``(s_i, s_down, s_up)`` of grid step ``i``: the VE sigma ``s_i = sigma_i / alpha_i`` (``inf`` at
+    ``alpha_i = 0``) and :func:`~diffsample.solvers.numerics.ancestral_split` of ``(s_i, s_{i+1}, eta)``."""
+    s = grid.sigma_list[i] / grid.alpha_list[i] if grid.alpha_list[i] > 0 else math.inf
+    return (s, *ancestral_split(s, grid.sigma_list[i + 1] / grid.alpha_list[i + 1], eta))
+
+
+def ancestral_noise(noise_fn: NoiseFn | None, solver: object, mean: Tensor, s_up: float, grid: Grid, i: int,
+                    s_noise: float = 1.0) -> Tensor:
+    """The fresh noise of an ancestral step: ``mean + alpha_{i+1} s_up s_noise z`` through
+    :func:`sample_kernel`, or ``mean`` itself when ``s_up s_noise = 0`` (no draw).
+
+    Raises:
+        ValueError: ``noise_fn`` is ``None`` and a draw is needed.
+    """
+    if s_up * s_noise > 0:
+        return sample_kernel(noise_fn, solver, mean, grid.alpha_list[i + 1] * s_up * s_noise, grid, i)
+    return mean
