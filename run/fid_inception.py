@@ -6,7 +6,9 @@ FID (Heusel et al., arXiv 1706.08500) is the Fréchet distance between Gaussians
 later Inception-v3 in two places: the average pools inside the blocks exclude padding from the
 mean, and the last block pools its side branch with a max pool. This module writes that
 architecture out (layer names as in pytorch-fid's ``pt_inception-2015-12-05`` weights, so its
-state dict loads as is) and needs neither torchvision nor torch-fidelity.
+state dict loads as is) and needs neither torchvision nor torch-fidelity. It is written here from
+the architecture (torchvision's Inception3 blocks with those two changes), not copied; the layer
+names, the two changes and the input handling follow pytorch-fid (M. Seitzer, Apache-2.0).
 
 Input: ``(B, 3, H, W)`` (or ``(B, 1, H, W)``, repeated to three channels) in [0, 1]; resized to
 299 x 299 bilinearly (``align_corners=False``, as pytorch-fid), mapped to [-1, 1]; output
