@@ -56,6 +56,23 @@ def ve_step(denoised: Tensor, d: Tensor, alpha_next: float, s: float, s_next: fl
     return alpha_next * y
 
 
+class MultistepSolver:
+    """The :class:`~diffsample.solvers.solver.Solver` members every VE multistep method here shares:
+    deterministic, state = the :class:`SlopeHistory` (empty at the start), 1 denoiser call per step.
+    Each method (a frozen dataclass) adds ``order`` and a ``step`` that calls :func:`multistep_step`
+    with its weights."""
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def init(self, x: Tensor, grid: Grid) -> SlopeHistory:
+        return SlopeHistory()
+
+    def nfe(self, grid: Grid) -> int:
+        return grid.steps
+
+
 def multistep_step(
     denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, max_order: int,
     weights: Callable[[int, SlopeHistory, float, float], Sequence[float]], *,

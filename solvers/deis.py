@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 from torch import Tensor
 
-from diffsample.solvers._ve_multistep import SlopeHistory, lagrange_integrals, multistep_step
+from diffsample.solvers._ve_multistep import MultistepSolver, SlopeHistory, lagrange_integrals, multistep_step
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn
 
 
@@ -30,7 +30,7 @@ _BASES = {"log_rho": "log_sigma", "rho": "sigma", "tab": tab_time}
 
 
 @dataclass(frozen=True)
-class DEIS:
+class DEIS(MultistepSolver):
     r"""Diffusion Exponential Integrator Sampler, multistep (Zhang & Chen 2022, arXiv 2204.13902,
     "rhoAB-DEIS", eq. 15-16), as diffusers' ``DEISMultistepScheduler`` implements it.
 
@@ -69,16 +69,6 @@ class DEIS:
             raise ValueError(f"DEIS order must be 1, 2, 3 or 4, got {self.order!r}")
         if self.basis not in _BASES:
             raise ValueError(f"DEIS basis must be one of {', '.join(_BASES)}; got {self.basis!r}")
-
-    @property
-    def stochastic(self) -> bool:
-        return False
-
-    def init(self, x: Tensor, grid: Grid) -> SlopeHistory:
-        return SlopeHistory()
-
-    def nfe(self, grid: Grid) -> int:
-        return grid.steps
 
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, noise_fn: NoiseFn | None = None

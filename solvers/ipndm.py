@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from torch import Tensor
 
-from diffsample.solvers._ve_multistep import SlopeHistory, multistep_step
+from diffsample.solvers._ve_multistep import MultistepSolver, SlopeHistory, multistep_step
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn
 
 # Adams-Bashforth weights for a uniform step (newest slope first), orders 1-4.
@@ -41,7 +41,7 @@ def variable_step_weights(order: int, h: list[float]) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class IPNDM:
+class IPNDM(MultistepSolver):
     r"""Improved PNDM (iPNDM; Zhang & Chen 2022, arXiv 2204.13902 section 5 / appendix, "iPNDM"; the
     low-NFE benchmark of Zhou et al. 2023, arXiv 2311.18608) and its variable-step form iPNDM_v.
 
@@ -86,16 +86,6 @@ class IPNDM:
     @property
     def order(self) -> int:
         return 1 if self.max_order == 1 else 2
-
-    @property
-    def stochastic(self) -> bool:
-        return False
-
-    def init(self, x: Tensor, grid: Grid) -> SlopeHistory:
-        return SlopeHistory()
-
-    def nfe(self, grid: Grid) -> int:
-        return grid.steps
 
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, noise_fn: NoiseFn | None = None

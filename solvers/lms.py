@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from diffsample.solvers._ve_multistep import SlopeHistory, lagrange_integrals, multistep_step
+from diffsample.solvers._ve_multistep import MultistepSolver, SlopeHistory, lagrange_integrals, multistep_step
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn
 
 
 @dataclass(frozen=True)
-class LMS:
+class LMS(MultistepSolver):
     r"""Linear multistep (k-diffusion ``sample_lms``, Crowson; the Adams-Bashforth family on the
     probability-flow ODE of Karras et al. 2022, arXiv 2206.00364, in VE sigma).
 
@@ -39,16 +39,6 @@ class LMS:
     def __post_init__(self) -> None:
         if self.order not in (1, 2, 3, 4):
             raise ValueError(f"LMS order must be 1, 2, 3 or 4, got {self.order!r}")
-
-    @property
-    def stochastic(self) -> bool:
-        return False
-
-    def init(self, x: Tensor, grid: Grid) -> SlopeHistory:
-        return SlopeHistory()
-
-    def nfe(self, grid: Grid) -> int:
-        return grid.steps
 
     def step(
         self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: SlopeHistory, noise_fn: NoiseFn | None = None
