@@ -10,11 +10,11 @@ from torch import Tensor
 
 from diffsample.solvers._ve_multistep import eps_of
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
-from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
+from diffsample.solvers.transition import AncestralEta, ancestral_noise, ancestral_split_at
 
 
 @dataclass(frozen=True)
-class DPM2:
+class DPM2(AncestralEta):
     r"""k-diffusion's DPM2 (``sample_dpm_2``, "inspired by DPM-Solver-2 and Algorithm 2 from Karras et
     al. (2022)", arXiv 2206.00927 / 2206.00364) and its ancestral form (``sample_dpm_2_ancestral``).
 
@@ -40,19 +40,9 @@ class DPM2:
         ValueError: ``eta < 0``.
     """
 
-    eta: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-
     @property
     def order(self) -> int:
         return 2
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def init(self, x: Tensor, grid: Grid) -> None:
         return None

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
-from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
+from diffsample.solvers.transition import AncestralEta, ancestral_noise, ancestral_split_at
 
 
 @dataclass(frozen=True)
-class Euler:
+class Euler(AncestralEta):
     r"""Euler step of the probability-flow ODE in VE coordinates ``(x / alpha, sigma / alpha)``.
 
     With ``s = sigma / alpha`` and ``D`` the denoiser output at ``x_i``:
@@ -34,19 +34,9 @@ class Euler:
         ValueError: ``eta < 0``.
     """
 
-    eta: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-
     @property
     def order(self) -> int:
         return 1
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def init(self, x: Tensor, grid: Grid) -> None:
         return None

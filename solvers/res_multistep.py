@@ -10,7 +10,7 @@ from torch import Tensor
 
 from diffsample.solvers._ve_multistep import eps_of
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
-from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
+from diffsample.solvers.transition import AncestralEta, ancestral_noise, ancestral_split_at
 
 
 class ResState(NamedTuple):
@@ -31,7 +31,7 @@ def _phi2(z: float) -> float:
 
 
 @dataclass(frozen=True)
-class ResMultistep:
+class ResMultistep(AncestralEta):
     r"""Second-order RES multistep step (Zhang et al. 2023, "Improved order analysis and design of
     exponential integrator for diffusion models", arXiv 2308.02157, the two-point multistep method),
     in the form of ComfyUI's ``sample_res_multistep`` / ``sample_res_multistep_ancestral``.
@@ -58,19 +58,9 @@ class ResMultistep:
         ValueError: ``eta < 0``.
     """
 
-    eta: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-
     @property
     def order(self) -> int:
         return 2
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0
 
     def init(self, x: Tensor, grid: Grid) -> ResState:
         return ResState()

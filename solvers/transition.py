@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
@@ -73,6 +74,27 @@ def sample_kernel(noise_fn: NoiseFn | None, solver: object, mean: Tensor, std: f
     if transition is None:
         return mean + std * fn(sigma, sigma_next)
     return transition(mean, std, grid, i, lambda: fn(sigma, sigma_next))
+
+
+@dataclass(frozen=True)
+class AncestralEta:
+    """The ``eta`` option of a solver whose only noise is the ancestral draw (:func:`ancestral_noise`
+    with ``(s_down, s_up) = ancestral_split(s_i, s_{i+1}, eta)``): ``eta = 0`` is deterministic,
+    ``eta = 1`` the DDPM posterior's noise level. Euler, DPM2 and RES multistep inherit it.
+
+    Raises:
+        ValueError: ``eta < 0``.
+    """
+
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
 
 
 def ancestral_split_at(grid: Grid, i: int, eta: float) -> tuple[float, float, float]:
