@@ -9,11 +9,11 @@ from torch import Tensor
 
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
 from diffsample.solvers.substep import from_pure_noise, point_at_lambda
-from diffsample.solvers.transition import ancestral_noise, ancestral_split_at
+from diffsample.solvers.transition import AncestralEtaNoise, ancestral_noise, ancestral_split_at
 
 
 @dataclass(frozen=True)
-class DPMSolverPP2SAncestral:
+class DPMSolverPP2SAncestral(AncestralEtaNoise):
     r"""Single-step DPM-Solver++(2S) (Lu et al. 2022, arXiv 2211.01095, Algorithm 1 with r = 1/2) to
     ``sigma_down``, then fresh noise ``sigma_up`` (k-diffusion ``sample_dpmpp_2s_ancestral``).
 
@@ -41,22 +41,9 @@ class DPMSolverPP2SAncestral:
         ValueError: ``eta < 0`` or ``s_noise < 0``.
     """
 
-    eta: float = 1.0
-    s_noise: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if not self.s_noise >= 0:
-            raise ValueError(f"s_noise must be >= 0, got {self.s_noise}")
-
     @property
     def order(self) -> int:
         return 2
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0 and self.s_noise > 0
 
     def init(self, x: Tensor, grid: Grid) -> None:
         return None

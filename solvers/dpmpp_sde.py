@@ -11,13 +11,13 @@ from torch import Tensor
 from diffsample.solvers.numerics import ancestral_split
 from diffsample.solvers.solver import Denoise, Grid, NoiseFn, call_denoise
 from diffsample.solvers.substep import from_pure_noise, point_at_lambda, sample_substep
-from diffsample.solvers.transition import sample_kernel
+from diffsample.solvers.transition import AncestralEtaNoise, sample_kernel
 
 NOISE_COUPLINGS = ("brownian", "independent")
 
 
 @dataclass(frozen=True)
-class DPMSolverPPSDE:
+class DPMSolverPPSDE(AncestralEtaNoise):
     r"""DPM-Solver++ SDE (k-diffusion ``sample_dpmpp_sde``; the single-step second-order
     DPM-Solver++ of arXiv 2211.01095 with ancestral noise on both stages).
 
@@ -53,16 +53,11 @@ class DPMSolverPPSDE:
         ValueError: ``eta < 0``, ``s_noise < 0``, ``r`` outside ``(0, 1]`` or an unknown ``noise``.
     """
 
-    eta: float = 1.0
-    s_noise: float = 1.0
     r: float = 0.5
     noise: Literal["brownian", "independent"] = "brownian"
 
     def __post_init__(self) -> None:
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        if not self.s_noise >= 0:
-            raise ValueError(f"s_noise must be >= 0, got {self.s_noise}")
+        super().__post_init__()
         if not 0 < self.r <= 1:
             raise ValueError(f"r must be in (0, 1], got {self.r}")
         if self.noise not in NOISE_COUPLINGS:
@@ -71,10 +66,6 @@ class DPMSolverPPSDE:
     @property
     def order(self) -> int:
         return 2
-
-    @property
-    def stochastic(self) -> bool:
-        return self.eta > 0 and self.s_noise > 0
 
     def init(self, x: Tensor, grid: Grid) -> None:
         return None

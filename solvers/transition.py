@@ -97,6 +97,29 @@ class AncestralEta:
         return self.eta > 0
 
 
+@dataclass(frozen=True)
+class AncestralEtaNoise(AncestralEta):
+    """:class:`AncestralEta` (default ``eta = 1``) with k-diffusion's ``s_noise``, the factor on every
+    ancestral draw (``s_noise = 0``: the split without its noise). Stochastic when both are ``> 0``.
+    DPM-Solver++(2S) ancestral and DPM-Solver++ SDE inherit it.
+
+    Raises:
+        ValueError: ``eta < 0`` or ``s_noise < 0``.
+    """
+
+    eta: float = 1.0
+    s_noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.s_noise >= 0:
+            raise ValueError(f"s_noise must be >= 0, got {self.s_noise}")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0 and self.s_noise > 0
+
+
 def ancestral_split_at(grid: Grid, i: int, eta: float) -> tuple[float, float, float]:
     """``(s_i, s_down, s_up)`` of grid step ``i``: the VE sigma ``s_i = sigma_i / alpha_i`` (``inf`` at
     ``alpha_i = 0``) and :func:`~diffsample.solvers.numerics.ancestral_split` of ``(s_i, s_{i+1}, eta)``."""
