@@ -22,8 +22,10 @@ def test_list_models_names_each_bundled_model_with_its_default_sampler():
     result = run("list", "models")
     assert result.exit_code == 0, result.output
     for name, info in BUNDLED_INFO.items():
-        assert f"  {name:<18s} {info.solver} / {info.schedule} / {info.steps} steps; " in result.output
+        unit = "step" if info.steps == 1 else "steps"
+        assert f"  {name:<18s} {info.solver} / {info.schedule} / {info.steps} {unit}; " in result.output
     assert "mnist-pd-4         ddim / trailing / 4 steps" in result.output
+    assert "mnist-mfd-1        ddim / trailing / 1 step;" in result.output
     assert "mnist              dpmpp_2m / trailing / 20 steps" in result.output
     one = run("list", "mnist-decoupled-2")
     assert one.exit_code == 0 and "CFG: off by default" in one.output
