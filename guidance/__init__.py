@@ -273,7 +273,7 @@ _MEANINGS: dict[str, dict[str, str]] = {
                   "strength": "in [0, 1]: the constant rho, or a multiplier of the matched / decaying one",
                   "beta": "KL temperature of the target p0 exp(r / beta), in reward units (> 0)",
                   "grad_wrt": _GRAD_WRT, "tile": "whitening tile size (pixels)",
-                  "whiten_alpha": "whitening regulariser (> 0)",
+                  "whiten_alpha": "two-sided confidence level of the whitening tests, in (0, 1) (used by whitening=2os or rfft)",
                   "schedule": "rho=schedule: per-step rho values [V0,V1,...] over the run, interpolated",
                   "width": "rho=search_matched: match a best-of-width search per step (>= 1)",
                   "whitening": "W: 2os (the paper's), rfft (flattened FFT, blocks of 16), normalize or identity"},
