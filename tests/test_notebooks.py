@@ -18,6 +18,14 @@ def test_there_are_notebooks():
                                            "pipeline_sweep.ipynb"}
 
 
+def test_stored_outputs_name_no_path_of_this_machine():
+    """Committed outputs are read on other machines: no absolute path of the one that ran them."""
+    for path in NOTEBOOKS:
+        text = path.read_text(encoding="utf-8")
+        for marker in ("/root/", "/home/", "site-packages"):
+            assert marker not in text, f"{path.name} stores {marker!r}"
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_at_smoke_size(path, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFSAMPLE_SMOKE", "1")
