@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 SEED_SETS = (0, 100_000, 200_000)
-TEACHER_SOLVERS = ("dpmpp_2m", "unipc_bh2")
-TEACHER_SCHEDULES = ("csflow", "leading", "trailing")
+TEACHER_SOLVERS = ("dpmpp_2m", "unipc_bh2", "deis")
+TEACHER_SCHEDULES = ("csflow", "leading", "trailing", "ddim_uniform")
 TEACHER_NFE = (1, 2, 4, 8)
 REFERENCE = ("dpmpp_2m", "leading", 20)
 STUDENTS = {"mnist-pd-4": (1, 2, 4), "mnist-pd-2": (1, 2), "mnist-decoupled-2": (1, 2), "mnist-mfd-1": (1,)}
@@ -47,7 +47,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def key(row) -> tuple:
-    return row["model"], row["solver"], row["schedule"], row["steps"], row["seed"], row["num_samples"]
+    return (row["model"], row["solver"], row["schedule"], row["steps"], row["seed"], row["num_samples"],
+            row.get("weights", ""))
+
+
+def weights_tag(model: str) -> str:
+    """First 12 hex digits of the SHA-256 of a student's weight file ("" for the teacher): cells of
+    replaced weights are neither reused nor reported."""
+    import hashlib
+
+    from diffsample.testbed.mnist import students
+
+    if model not in students.STUDENTS:
+        return ""
+    return hashlib.sha256(students.STUDENTS[model].path.read_bytes()).hexdigest()[:12]
 
 
 def read_cells(path: Path) -> dict[tuple, dict]:
@@ -71,6 +84,8 @@ def run_cells(jobs, args) -> None:
     for model, solver, schedule, steps in jobs:
         for seed in args.seeds:
             row = dict(model=model, solver=solver, schedule=schedule, steps=steps, seed=seed, num_samples=args.num_samples)
+            if weights_tag(model):
+                row["weights"] = weights_tag(model)
             if key(row) in done:
                 continue
             if model not in models:
@@ -92,13 +107,14 @@ def run_cells(jobs, args) -> None:
             print(json.dumps(row), flush=True)
 
 
-TEACHER_PLAN = {1: [("dpmpp_2m", "csflow"), ("dpmpp_2m", "trailing")],
-                2: [("dpmpp_2m", "csflow"), ("dpmpp_2m", "trailing")],
-                4: [("dpmpp_2m", "csflow"), ("unipc_bh2", "csflow")],
-                8: [("unipc_bh2", "csflow")]}
+TEACHER_PLAN = {1: [("dpmpp_2m", "csflow"), ("dpmpp_2m", "trailing"), ("deis", "ddim_uniform")],
+                2: [("dpmpp_2m", "csflow"), ("dpmpp_2m", "trailing"), ("unipc_bh2", "csflow"), ("deis", "ddim_uniform")],
+                4: [("dpmpp_2m", "csflow"), ("unipc_bh2", "csflow"), ("deis", "ddim_uniform")],
+                8: [("unipc_bh2", "csflow"), ("deis", "ddim_uniform")]}
 """Teacher samplers run per NFE (sized for a shared CPU): at NFE 1 every multistep solver is DDIM,
 at NFE 2 ``unipc_bh2`` and ``dpmpp_2m`` differ only by UniPC's corrector; at NFE 4-8 the best of
-``results/csflow_mnist_n250.md`` (csflow, with both solvers at 4). ``--full`` runs every
+``results/csflow_mnist_n250.md`` (csflow) and of ``results/breadth.md`` (``deis`` on
+``ddim_uniform``, the best known teacher sampler at NFE 4-6). ``--full`` runs every
 solver x schedule of ``TEACHER_SOLVERS`` x ``TEACHER_SCHEDULES``."""
 
 
@@ -169,7 +185,9 @@ def report(args) -> None:
     import diffsample
 
     cells = read_cells(args.work / "cells.jsonl")
-    cells = {k: c for k, c in cells.items() if c["num_samples"] == args.num_samples}
+    tags = {name: weights_tag(name) for name in STUDENTS}
+    cells = {k: c for k, c in cells.items() if c["num_samples"] == args.num_samples
+             and c.get("weights", "") == tags.get(c["model"], "")}
     log_path = ROOT / "testbed" / "mnist" / "weights" / "distill_log.json"
     distill = json.loads(log_path.read_text()) if log_path.exists() else {}
     stages = distill.get("stages", {})

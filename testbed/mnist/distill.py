@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import shlex
 import sys
@@ -136,16 +137,74 @@ def ddim_step(model, z, t, t_next, y, ns: DiscreteVP, clip_x: bool = False) -> t
     return torch.where(clean[:, None, None, None], d, z_next)
 
 
+def teacher_trajectories(teacher: Net, ns: DiscreteVP, student_grid: torch.Tensor, count: int, steps: int,
+                         seed: int, clip_x: bool = True, chunk: int = 250,
+                         null_fraction: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probability-flow ODE trajectories of ``teacher`` by DPM-Solver++(2M) (Lu et al., arXiv
+    2211.01095, Algorithm 2, data prediction; first order at the first step and at the final step
+    to sigma = 0) on the ``steps``-step trailing grid, which must contain ``student_grid``.
+
+    Starts: ``z_999 ~ N(0, I)`` (seeded by ``seed``), classes ``arange(count) % 10`` with 15 % of the
+    rows (``null_fraction``) set to the null class (so the unconditional flow is distilled too, for CFG). ``clip_x``
+    clamps the teacher's ``denoised`` to [-1, 1] (the teacher's ``clip_sample``).
+
+    Returns:
+        ``states`` (count, len(student_grid) + 1, 1, 16, 16): the trajectory at each student grid
+        time, then its endpoint at sigma = 0; ``labels`` (count,) int64.
+    """
+    fine = trailing(ns, steps)
+    where = [int(torch.nonzero((fine - t).abs() < 1e-6)[0]) if bool(((fine - t).abs() < 1e-6).any()) else -1
+             for t in student_grid]
+    if -1 in where:
+        raise ValueError(f"the {steps}-step trailing grid does not contain the student grid {student_grid.tolist()}")
+    gen = torch.Generator().manual_seed(seed)
+    z_all = torch.randn(count, 1, 16, 16, generator=gen)
+    labels = torch.arange(count) % 10
+    labels[torch.rand(count, generator=gen) < null_fraction] = NULL_CLASS
+    states = torch.empty(count, len(student_grid) + 1, 1, 16, 16)
+    lam = torch.log(ns.alpha(fine) / ns.sigma(fine))
+    with torch.no_grad():
+        for b in range(0, count, chunk):
+            z, y = z_all[b:b + chunk], labels[b:b + chunk]
+            d_prev = None
+            for i in range(len(fine)):
+                if i in where:
+                    states[b:b + chunk, where.index(i)] = z
+                t = fine[i].expand(len(z))
+                d = teacher.denoised(z, t, y)
+                if clip_x:
+                    d = d.clamp(-1.0, 1.0)
+                if i + 1 == len(fine):
+                    z = d  # final step to sigma = 0: first order, z = denoised
+                    break
+                h = float(lam[i + 1] - lam[i])
+                d_eff = d
+                if d_prev is not None:
+                    r = float(lam[i] - lam[i - 1]) / h
+                    d_eff = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
+                s_ratio = float(ns.sigma(fine[i + 1]) / ns.sigma(fine[i]))
+                z = s_ratio * z - float(ns.alpha(fine[i + 1])) * (math.exp(-h) - 1.0) * d_eff
+                d_prev = d
+            states[b:b + chunk, -1] = z
+    return states, labels
+
+
 def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tensor, substeps: int,
           data: tuple[torch.Tensor, torch.Tensor], steps: int, batch: int, lr: float, seed: int,
-          params: list[torch.nn.Parameter], endpoint_target: bool = False, clip_x: bool = True) -> dict:
+          params: list[torch.nn.Parameter], endpoint_target: bool = False, clip_x: bool = True,
+          trajectories: tuple[torch.Tensor, torch.Tensor] | None = None, ema: float = 0.0) -> dict:
     """Train ``student`` (a :class:`Net` or :class:`PerStep`) to match ``substeps`` DDIM steps of
     ``teacher`` per interval of ``student_grid`` (or, with ``endpoint_target``, the teacher's whole
-    run from ``t = student_grid[0]`` to sigma = 0 from a pure-noise start)."""
+    run from ``t = student_grid[0]`` to sigma = 0 from a pure-noise start; or, with
+    ``trajectories`` from :func:`teacher_trajectories`, the stored trajectory's next grid state from
+    its state at a grid time: no teacher evaluations in the loop). ``ema`` > 0 keeps an exponential
+    moving average of the weights (decay ``min(ema, (1 + step) / (10 + step))``) and leaves the
+    student holding it at the end."""
     xtr, ytr = data
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
+    shadow = [q.detach().clone() for q in params] if ema > 0 else None
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
@@ -155,16 +214,31 @@ def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tenso
     t0w, c0 = time.time(), time.process_time()
     history, run = [], 0.0
     for step in range(1, steps + 1):
-        idx = torch.randint(0, len(xtr), (batch,), generator=gen)
-        x0, y = xtr[idx], ytr[idx].clone()
-        y[torch.rand(batch, generator=gen) < 0.15] = NULL_CLASS
-        k = torch.randint(0, n, (batch,), generator=gen)
-        t = student_grid[k]
-        eps = torch.randn(x0.shape, generator=gen)
-        a, s = ns.alpha(t).float()[:, None, None, None], ns.sigma(t).float()[:, None, None, None]
-        z = a * x0 + s * eps
+        if trajectories is not None:
+            states, labels = trajectories
+            idx = torch.randint(0, len(states), (batch,), generator=gen)
+            k = torch.randint(0, n, (batch,), generator=gen)
+            y, t = labels[idx], student_grid[k]
+            z = states[idx, k]
+            a, s = ns.alpha(t).float()[:, None, None, None], ns.sigma(t).float()[:, None, None, None]
+        else:
+            idx = torch.randint(0, len(xtr), (batch,), generator=gen)
+            x0, y = xtr[idx], ytr[idx].clone()
+            y[torch.rand(batch, generator=gen) < 0.15] = NULL_CLASS
+            k = torch.randint(0, n, (batch,), generator=gen)
+            t = student_grid[k]
+            eps = torch.randn(x0.shape, generator=gen)
+            a, s = ns.alpha(t).float()[:, None, None, None], ns.sigma(t).float()[:, None, None, None]
+            z = a * x0 + s * eps
         with torch.no_grad():
-            if endpoint_target:
+            if trajectories is not None:
+                t_end = ext[k + 1]
+                zz = states[idx, k + 1]
+                tn = t_end.clamp(min=0)
+                an, sn = ns.alpha(tn).float()[:, None, None, None], ns.sigma(tn).float()[:, None, None, None]
+                ratio = sn / s
+                x_target = torch.where((t_end < 0)[:, None, None, None], zz, (zz - ratio * z) / (an - ratio * a))
+            elif endpoint_target:
                 zz, tt = z, t
                 for j in range(len(teacher.grid)):
                     tn = teacher.grid[j + 1] if j + 1 < len(teacher.grid) else torch.tensor(-1.0, dtype=torch.float64)
@@ -205,6 +279,10 @@ def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tenso
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if shadow is not None:
+            decay = min(ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(shadow, [q.detach() for q in params], 1.0 - decay)
         run += loss.item()
         if step % 25 == 0 or step == steps:
             m = run / (25 if step % 25 == 0 else step % 25)
@@ -213,7 +291,12 @@ def stage(name: str, student, teacher, ns: DiscreteVP, student_grid: torch.Tenso
             log(f"{name} step {step}/{steps} loss {m:.4f} (wall {time.time() - t0w:.0f}s, "
                 f"cpu {time.process_time() - c0:.0f}s)")
             run = 0.0
-    return dict(steps=steps, batch=batch, lr=lr, seed=seed, substeps=substeps, clip_x=clip_x, wall_s=round(time.time() - t0w, 1),
+    if shadow is not None:
+        with torch.no_grad():
+            for q, e in zip(params, shadow):
+                q.copy_(e)
+    return dict(steps=steps, batch=batch, lr=lr, seed=seed, substeps=substeps, clip_x=clip_x, ema=ema,
+                trajectories=None if trajectories is None else len(trajectories[0]), wall_s=round(time.time() - t0w, 1),
                 cpu_s=round(time.process_time() - c0, 1), grid=[float(v) for v in student_grid],
                 final_loss=history[-1]["loss"], history=history)
 
@@ -237,6 +320,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--first-targets", choices=["trajectory", "ddim"], default="trajectory",
+                   help="targets of the 8-step stage: stored DPM-Solver++(2M) teacher trajectories, or "
+                        "--first-substeps teacher DDIM steps from noised data (the earlier recipe)")
+    p.add_argument("--trajectories", type=int, default=4000, help="teacher trajectories for --first-targets trajectory")
+    p.add_argument("--teacher-steps", type=int, default=32,
+                   help="DPM-Solver++(2M) steps (trailing grid, a multiple of 8) of the teacher trajectories")
+    p.add_argument("--clip-trajectories", action=argparse.BooleanOptionalAction, default=False,
+                   help="clamp the teacher's denoised to [-1, 1] inside the trajectories")
+    p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the student weights (0: off)")
     p.add_argument("--first-substeps", type=int, default=4, help="teacher DDIM steps per interval of the 8-step stage")
     p.add_argument("--steps-8", type=int, default=800)
     p.add_argument("--steps-4", type=int, default=600)
@@ -244,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps-mfd", type=int, default=400)
     p.add_argument("--clip-x", action=argparse.BooleanOptionalAction, default=True,
                    help="clamp the teacher's denoised to [-1, 1] in the target DDIM steps (see the module docstring)")
+    p.add_argument("--save-pd-8", action="store_true", help="also save the intermediate 8-step student (pd-8.safetensors)")
     p.add_argument("--only", choices=["pd", "decoupled", "mfd"], nargs="*", default=None,
                    help="run only these stages (later stages read the earlier students from --out)")
     a = p.parse_args(argv)
@@ -281,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         if log_path.exists():  # another process may have finished other stages meanwhile
             record["stages"] = json.loads(log_path.read_text()).get("stages", {}) | record["stages"]
         record["stages"][name] = info
-        if name != "pd-8":
+        if name != "pd-8" or a.save_pd_8:
             save_student(a.out / f"{name}.safetensors", [n.unet for n in nets], grid,
                          {k: v for k, v in info.items() if k != "history"} | {"command": command})
         log_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -291,18 +384,32 @@ def main(argv: list[str] | None = None) -> None:
     g8, g4, g2, g1 = (trailing(ns, n) for n in (8, 4, 2, 1))
     if "pd" in only:
         s8 = student_from(base)
+        traj, extra = None, {}
+        if a.first_targets == "trajectory":
+            c0, w0 = time.process_time(), time.time()
+            traj = teacher_trajectories(teacher, ns, g8, a.trajectories, a.teacher_steps, a.seed + 10,
+                                        clip_x=a.clip_trajectories)
+            extra = dict(trajectories=a.trajectories, teacher_steps=a.teacher_steps,
+                         clip_trajectories=a.clip_trajectories, trajectories_cpu_s=round(time.process_time() - c0, 1),
+                         trajectories_wall_s=round(time.time() - w0, 1))
+            log(f"teacher trajectories: {a.trajectories} x {a.teacher_steps} DPM-Solver++(2M) steps, "
+                f"cpu {extra['trajectories_cpu_s']:.0f}s")
         info = stage("pd-8", s8, teacher, ns, g8, a.first_substeps, data, a.steps_8, a.batch, a.lr, a.seed,
-                     list(s8.unet.parameters()), clip_x=a.clip_x)
+                     list(s8.unet.parameters()), clip_x=a.clip_x, trajectories=traj, ema=a.ema)
+        if extra:  # the trajectories are part of the stage's cost
+            info = info | extra | dict(cpu_s=round(info["cpu_s"] + extra["trajectories_cpu_s"], 1),
+                                       wall_s=round(info["wall_s"] + extra["trajectories_wall_s"], 1))
+        del traj
         done("pd-8", [s8], tuple(g8.tolist()), info)
         s8.unet.eval().requires_grad_(False)
         s4 = student_from(s8.unet)
         info = stage("mnist-pd-4", s4, s8, ns, g4, 2, data, a.steps_4, a.batch, a.lr, a.seed + 1,
-                     list(s4.unet.parameters()), clip_x=a.clip_x)
+                     list(s4.unet.parameters()), clip_x=a.clip_x, ema=a.ema)
         done("mnist-pd-4", [s4], tuple(g4.tolist()), info)
         pd4 = Net(load_student("mnist-pd-4")[0], "v_prediction", ns)  # as shipped (float16), as in stage 4
         s2 = student_from(pd4.unet)
         info = stage("mnist-pd-2", s2, pd4, ns, g2, 2, data, a.steps_2, a.batch, a.lr, a.seed + 2,
-                     list(s2.unet.parameters()), clip_x=a.clip_x)
+                     list(s2.unet.parameters()), clip_x=a.clip_x, ema=a.ema)
         done("mnist-pd-2", [s2], tuple(g2.tolist()), info)
     if "decoupled" in only:
         pd4 = Net(load_student("mnist-pd-4")[0], "v_prediction", ns)
@@ -310,14 +417,14 @@ def main(argv: list[str] | None = None) -> None:
         dec = PerStep(nets, g2)
         params = [q for n in nets for q in n.unet.parameters()]
         info = stage("mnist-decoupled-2", dec, pd4, ns, g2, 2, data, a.steps_2, a.batch, a.lr, a.seed + 2, params,
-                     clip_x=a.clip_x)
+                     clip_x=a.clip_x, ema=a.ema)
         done("mnist-decoupled-2", nets, tuple(g2.tolist()), info)
     if "mfd" in only:
         dnets = [Net(u, "v_prediction", ns) for u in load_student("mnist-decoupled-2")]
         teacher2 = PerStep(dnets, g2)
         s1 = student_from(dnets[0].unet)  # the network that already steps from t = 999
         info = stage("mnist-mfd-1", s1, teacher2, ns, g1, 1, data, a.steps_mfd, a.batch, a.lr, a.seed + 3,
-                     list(s1.unet.parameters()), endpoint_target=True, clip_x=a.clip_x)
+                     list(s1.unet.parameters()), endpoint_target=True, clip_x=a.clip_x, ema=a.ema)
         done("mnist-mfd-1", [s1], tuple(g1.tolist()), info)
     if log_path.exists():
         record["stages"] = json.loads(log_path.read_text()).get("stages", {}) | record["stages"]
