@@ -183,10 +183,9 @@ SOLVERS.add("seeds_2", _P + "seeds:SEEDS", "SEEDS-2 exponential SDE solver, data
 SOLVERS.add("seeds_3", _P + "seeds:SEEDS", "SEEDS-3 exponential SDE solver, data prediction (arXiv 2305.14267, "
             "ComfyUI seeds_3); 3 NFE/step; stochastic (eta=0: order 3)", meanings=_SEEDS, stages=3)
 SOLVERS.add("restart", _P + "restart:Restart", "Restart sampling: Heun ODE + forward-noise jumps back up "
-            "[sigma_min, sigma_max] (arXiv 2306.14878); 2 NFE/step + 2 restarts restart_steps; stochastic",
-            meanings={"restart_sigma_min": "VE sigma the restarts return to (the nearest grid point in log)",
-                      "restart_sigma_max": "VE sigma each jump goes up to", "restarts": "jumps K (0: plain Heun)",
-                      "restart_steps": "Heun steps (Karras rho=7) from sigma_max back down",
+            "restart intervals (arXiv 2306.14878); 2 NFE/step + 2 K (N_restart - 1) per interval; stochastic",
+            meanings={"segments": "restart intervals [[N_restart, K, t_min, t_max], ...] in VE sigma (the authors' "
+                      "and ComfyUI's form; [] is plain Heun)",
                       "s_noise": "scale of the jump noise"})
 SOLVERS.add("unipc_bh1", _P + "unipc:UniPC", "UniPC-2 with UniC corrector, B(h)=h; order 3, 1 NFE/step",
             meanings=_UNIPC, predictor_order=2, variant="bh1")

@@ -12,10 +12,10 @@ GMM = GaussianMixture.random(dim=2 * 4 * 4, components=4, seed=1)
 EXPECTED_NFE = {"heun": lambda steps: 2 * steps - 1, "dpm_2": lambda steps: 2 * steps - 1,
                 "dpm_2_ancestral": lambda steps: 2 * steps - 1, "heunpp2": lambda steps: 3 * steps - 3}
 # stochastic breadth solvers: 2 (3) calls per step, 1 on the step to sigma = 0; restart adds its
-# 2 restarts x 4 Heun segment steps; PECE re-evaluates every corrected step
+# default segments' K x (N_restart - 1) Heun steps, (2 + 1) x 2; PECE re-evaluates every corrected step
 EXPECTED_NFE |= {"dpmpp_2s_ancestral": lambda steps: 2 * steps - 1, "dpmpp_sde": lambda steps: 2 * steps - 1,
                  "seeds_2": lambda steps: 2 * steps - 1, "seeds_3": lambda steps: 3 * steps - 2,
-                 "restart": lambda steps: 2 * steps - 1 + 2 * 2 * 4, "sa_solver_pece": lambda steps: 2 * steps - 1}
+                 "restart": lambda steps: 2 * steps - 1 + 2 * 3 * 2, "sa_solver_pece": lambda steps: 2 * steps - 1}
 
 
 @pytest.mark.parametrize("name", SOLVERS.names())

@@ -71,4 +71,5 @@ def test_a_draw_lands_where_the_solver_evaluates_next(name):
 def test_restart_jumps_are_labelled_upward():
     events, _, _ = _trace("restart")
     jumps = [e for e in events if e[0] == "draw"]
-    assert len(jumps) == 2 and all(e[3] > e[2] for e in jumps)  # 2 restarts, each from t_min up to t_max
+    # the default segments: K = 2 and K = 1 restarts, each jump from t_min up to t_max
+    assert len(jumps) == 3 and all(e[3] > e[2] for e in jumps)

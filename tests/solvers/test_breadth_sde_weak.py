@@ -29,9 +29,9 @@ MIX = GaussianMixture(torch.tensor([[-1.0, 0.5], [0.8, -0.4], [0.3, 1.1]], dtype
                       torch.tensor([0.3, 0.5, 0.2]), torch.tensor([0.5, 0.3, 0.2]))
 
 
-# the weak limit needs every part of the run refined: Restart's jump segments too (at its default 4
-# segment steps the Gaussian's std comes out 8 % wide at any main-grid size; 16 steps: 0.7 %)
-AT_MANY_STEPS = {"restart": "restart:restart_steps=40"}
+# the weak limit needs every part of the run refined: Restart's jump segments too (the coarse Heun
+# segments are the error whatever the main grid): the default intervals with 41 sigmas each
+AT_MANY_STEPS = {"restart": "restart:segments=[[41,2,0.06,0.30],[41,1,0.30,0.59]]"}
 
 
 def _sample(name, data, n, steps, seed=0):
