@@ -160,15 +160,19 @@ SOLVERS.add("sa_solver", _P + "sa_solver:SASolver", "SA-Solver stochastic Adams 
                       "tau": "noise of the SDE family: 0 ODE, 1 reverse SDE",
                       "tau_sigma_range": "[low, high] VE sigmas where tau applies (None: every step)",
                       "lower_order_final": "cap the orders at the steps left (diffusers' rule)",
-                      "pece": "evaluate the corrected state again (PECE, 2 NFE per corrected step)"})
+                      "pece": "evaluate the corrected state again (PECE, 2 NFE per corrected step)",
+                      "order2_term": "add the O(h^3) UniPC-like term at order 2 (diffusers, official code); "
+                                     "false: plain Lagrange weights (ComfyUI)"})
 SOLVERS.add("sa_solver_pece", _P + "sa_solver:SASolver", "SA-Solver in PECE mode (ComfyUI sa_solver_pece): the "
-            "corrected state is evaluated again; 2 NFE/step; stochastic",
+            "corrected state is evaluated again, plain Lagrange weights as ComfyUI; 2 NFE/step; stochastic",
             meanings={"predictor_order": "Adams-Bashforth predictor order p (1-4)",
                       "corrector_order": "Adams-Moulton corrector order c (1-4)",
                       "tau": "noise of the SDE family: 0 ODE, 1 reverse SDE",
                       "tau_sigma_range": "[low, high] VE sigmas where tau applies (None: every step)",
                       "lower_order_final": "cap the orders at the steps left (diffusers' rule)",
-                      "pece": "evaluate the corrected state again"}, pece=True)
+                      "pece": "evaluate the corrected state again",
+                      "order2_term": "add the O(h^3) UniPC-like term at order 2 (diffusers, official code); "
+                                     "false: plain Lagrange weights (ComfyUI)"}, pece=True, order2_term=False)
 SOLVERS.add("er_sde", _P + "er_sde:ERSDE", "ER-SDE-Solver-3, extended reverse SDE with noise-scale function "
             "(arXiv 2309.06169, ComfyUI er_sde); 1 NFE/step; stochastic (noise_scaler=ode: order 2)",
             meanings={"noise_scaler": "phi: default (s (e^{s^0.3} + 10)), sde (s^2, the reverse SDE) or ode (s, no noise)",

@@ -96,12 +96,16 @@ class SASolver:
     including the new ``D_i = D(x_i)`` and the *same* noise the predictor drew (stored, not drawn
     again: one draw per step, through :func:`~diffsample.solvers.transition.sample_kernel`). The
     model is evaluated at the predicted ``x_i`` (the corrector costs no call). Like the official code
-    and diffusers, order-2 predictor and corrector steps add the ``O(h^3)`` UniPC-like term.
+    and diffusers, order-2 predictor and corrector steps add the ``O(h^3)`` UniPC-like term
+    (``order2_term=False``: the plain Lagrange weights, as ComfyUI's ``sa_solver`` without
+    ``simple_order_2``; the term grows like ``h^2`` and extrapolates on large log-SNR steps).
 
     ``tau`` is the noise of a step when its start has VE sigma in ``tau_sigma_range`` (all steps for
     ``None``), else 0; diffusers' default window ``200 <= t <= 800`` is a VE sigma range of the
-    model's process. ``lower_order_final``: diffusers' rule (predictor order ``<= steps - i``,
-    corrector ``<= steps - i + 1``); the first steps warm up from order 1. The step to
+    model's process. ``lower_order_final``: diffusers' rule (predictor order ``<= L``,
+    corrector ``<= L + 1``, ``L`` the steps left up to the last positive sigma: ``steps - i``, one less
+    when the grid ends at ``sigma = 0``, whose step ``x = D`` is not an Adams step; diffusers' grids
+    end at sigma_min); the first steps warm up from order 1. The step to
     ``sigma = 0`` is ``x = D`` (deterministic).
 
     * ``tau = 0``: deterministic Adams predictor-corrector (data prediction), order
@@ -122,6 +126,7 @@ class SASolver:
     tau_sigma_range: tuple[float, float] | list[float] | str | None = None
     lower_order_final: bool = True
     pece: bool = False
+    order2_term: bool = True
 
     def __post_init__(self) -> None:
         for name in ("predictor_order", "corrector_order"):
@@ -172,7 +177,7 @@ class SASolver:
         alpha_t, sigma_t, sigma_s = grid.alpha_list[i_to], grid.sigma_list[i_to], grid.sigma_list[i_from]
         h = lam_t - lam_s
         w = sa_weights(list(lambdas[:order]), lam_t, h, tau)
-        if order == 2:
+        if order == 2 and self.order2_term:
             c = 1.0 + tau * tau
             core = c * h + math.expm1(-c * h)  # c h - 1 + e^{-c h}
             if corrector:
@@ -208,7 +213,10 @@ class SASolver:
         warm = min(i, keep)
         p, c = self.predictor_order, self.corrector_order
         if self.lower_order_final:
-            p, c = min(p, grid.steps - i), min(c, grid.steps - i + 1)
+            # steps left that use the update: the step to sigma = 0 is x = D, not an Adams step (diffusers'
+            # grids end at sigma_min; counting x = D gave order 2 on the large step before it)
+            left = grid.steps - i - (1 if grid.final_zero else 0)
+            p, c = min(p, left), min(c, left + 1)
         p, c = min(p, warm + 1), min(c, warm + 2)
         mean = self._update(x, grid, i, i + 1, hist_d, hist_l, p, tau, corrector=False)
         h = grid.lambda_list[i + 1] - grid.lambda_list[i]
