@@ -200,7 +200,8 @@ SOLVERS.add("uni_pc", _P + "unipc:UniPC", "ComfyUI uni_pc: UniPC-3 with UniC cor
 SOLVERS.add("uni_pc_bh2", _P + "unipc:UniPC", "ComfyUI uni_pc_bh2: UniPC-3 with UniC corrector, B(h)=e^h-1; order 4, "
             "1 NFE/step", meanings=_UNIPC, predictor_order=3, variant="bh2")
 SOLVERS.add("ipndm", _P + "ipndm:IPNDM", "iPNDM: uniform-step Adams-Bashforth (up to 4 past eps) in VE sigma "
-            "(arXiv 2204.13902, diff-sampler); order 2 on non-uniform grids, 1 NFE/step",
+            "(arXiv 2204.13902, diff-sampler); order 2 on non-uniform grids, 1 NFE/step; few steps of very "
+            "unequal size (karras, csflow at NFE 5): prefer ipndm_v",
             meanings={"max_order": "past slopes used (1-4)", "variable": "step-ratio weights (iPNDM_v)"})
 SOLVERS.add("ipndm_v", _P + "ipndm:IPNDM", "iPNDM_v: iPNDM with step-ratio weights (diff-sampler ipndm_v); order 2, "
             "1 NFE/step", meanings={"max_order": "past slopes used (1-4)", "variable": "step-ratio weights (iPNDM_v)"},
