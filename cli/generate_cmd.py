@@ -192,6 +192,7 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
     import warnings
 
     from diffsample.run.generate import DTYPES, SolverSwitched, generate
+    from diffsample.solvers.schedule_file import ScheduleMismatch
     from diffsample.run.models import PipelineModel, load_model
     from diffsample.run.publish import recover
     from diffsample.solvers.stop_time import stop_options
@@ -212,6 +213,8 @@ def generate_cmd(model, solver, schedule, steps, final, guidance, cfg_scale, cla
         fail(f"--negative-prompt needs a text-to-image pipeline; model {loaded.name!r} is not one")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SolverSwitched)  # printed below as one line, from the record
+        # A schedule file tuned for another model / solver: printed below once, from the record.
+        warnings.filterwarnings("ignore", message=r"schedule .* was optimised for ", category=ScheduleMismatch)
         result = generate(loaded, solver=solver, schedule=schedule, steps=steps, guidance=guidance, cfg_scale=cfg_scale,
                           class_label=class_label, seed=seed, num_samples=num_samples, batch_size=batch_size,
                           device=device, dtype=dtype, final=final, progress=not quiet, prompt=prompt,

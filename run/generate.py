@@ -18,6 +18,7 @@ from diffsample.guidance.composition import compose
 from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+from diffsample.solvers.schedule_file import ScheduleMismatch
 from diffsample.solvers.stop_time import StopTime, stop_options, stop_record
 
 from diffsample.run.record import GenerateResult, versions
@@ -248,7 +249,7 @@ def generate(model: str | LoadedModel | None = None, *, solver: str | None = Non
     notes += [line for line in (getattr(sampler.step_schedule, "note", None),) if line]  # e.g. csflow's default spectrum
     mismatch = getattr(sampler.step_schedule, "mismatch", None)  # a tuned schedule used on another model / solver
     for line in mismatch(model=loaded.name, solver=solver) if mismatch is not None else ():
-        warnings.warn(line, stacklevel=2)
+        warnings.warn(line, ScheduleMismatch, stacklevel=2)
         notes.append(line)
     if note is not None:
         warnings.warn(note, SolverSwitched, stacklevel=2)

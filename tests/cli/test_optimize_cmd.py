@@ -90,3 +90,18 @@ def test_malformed_schedule_file_exits_2(tmp_path, content, match):
     gen = tmp_path / "g"
     result = run("generate", "--steps", "3", "--schedule", str(bad), "--out", str(gen))
     assert result.exit_code == 2 and match in result.output and not gen.exists()
+
+
+def test_the_mismatch_line_is_printed_once(schedule_file, tmp_path):
+    # A real process (pytest records warnings instead of printing them, which hid the duplicate:
+    # the Python warning on stderr and the CLI's note line both printed it).
+    import subprocess
+    import sys
+
+    out, _ = schedule_file
+    proc = subprocess.run([sys.executable, "-c", "from diffsample.cli.main import main; main()", "generate",
+                           "--solver", "unipc_bh2", "--steps", "3", "--schedule", str(out), "--num-samples", "1",
+                           "--out", str(tmp_path / "g"), "-q"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = "optimised for solver 'dpmpp_2m', used with 'unipc_bh2'"
+    assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout + proc.stderr
