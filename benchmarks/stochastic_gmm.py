@@ -35,8 +35,8 @@ from diffsample.testbed.gmm import GaussianMixture
 
 ROOT = Path(__file__).resolve().parent
 BASELINES = ["euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"]
-BREADTH = ["dpmpp_2s_ancestral", "dpmpp_sde", "sa_solver", "sa_solver_pece", "er_sde", "seeds_2", "seeds_3",
-           "restart"]
+BREADTH = ["dpmpp_2s_ancestral", "dpmpp_sde", "sa_solver", "sa_solver:order2_term=false", "sa_solver_pece",
+           "er_sde", "seeds_2", "seeds_3", "restart"]
 PROBLEMS = {"2d": dict(dim=2, components=8, seed=0), "16d": dict(dim=16, components=8, seed=1)}
 NS = DiscreteVP.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
 
