@@ -39,7 +39,7 @@ from diffsample.run.record import versions
 CALIBRATION_SEED = 10**12
 """First calibration seed: far from the evaluation seeds (``0 ..``) of ``generate`` and ``sweep``."""
 BUILTIN_SCHEDULES = ("trailing", "leading", "linspace", "karras", "exponential", "polyexponential:rho=2", "csflow",
-                     "flow_shift")
+                     "ddim_uniform", "beta", "kl_optimal", "align_your_steps", "flow_shift")
 """Built-in schedules scored on the same calibration noises (those a noise schedule cannot use are skipped)."""
 TEACHER_SOLVER = "dpmpp_3m"
 
@@ -210,7 +210,7 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
                       teacher_substeps: int = 4, max_evals: int | None = None, ld3_samples: int | None = None,
                       cfg_scale: float | None = None, prompt: str | None = "a photo", device: str = "cpu",
                       progress: bool = False, command: str | None = None,
-                      teacher: so.Teacher | None = None) -> OptimizedSchedule:
+                      teacher: so.Teacher | None = None, free_start: bool = True) -> OptimizedSchedule:
     """Tune the ``steps`` evaluation times of ``solver`` for ``model`` (GITS or LD3; module docstring).
 
     Args:
@@ -220,8 +220,8 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         solver: a deterministic ``SOLVERS`` spec.
         steps: evaluation times ``N >= 1`` (the run's ``steps``; the last step goes to ``sigma = 0``).
         method: ``"gits"`` (dynamic programming over the fine grid, arXiv 2405.11326) or ``"ld3"``
-            (Nelder-Mead on the endpoint error, LD3-style, arXiv 2405.15506; started from the better of
-            the GITS grid and the best built-in schedule that starts at ``t_max``).
+            (Nelder-Mead on the endpoint error, LD3-style, arXiv 2405.15506; started from the best of
+            the GITS grid and the built-in schedules on the fitting noises).
         num_samples: calibration noises ``B`` (seeds ``seed .. seed + B - 1``).
         seed: first calibration seed (keep the calibration and evaluation seeds apart).
         fine_steps: ``M``, points of the teacher's fine grid (GITS chooses among them; ``M >= steps``).
@@ -236,6 +236,9 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         command: recorded in the file (default: the call).
         teacher: precomputed teacher trajectories for this model and calibration noises (reused
             across solvers and step counts).
+        free_start: LD3 only: the first time ``t_0`` is free too (``<= t_max``, where the noise is
+            then drawn, as ``leading`` and ``ddim_uniform`` do); ``False``: ``t_0 = t_max``. The
+            objective is always against the teacher started at ``t_max``.
 
     Returns:
         an :class:`~diffsample.solvers.schedule_file.OptimizedSchedule` with the objective (endpoint
@@ -280,8 +283,11 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
     if method == "gits":
         t_opt = t_gits
     else:
-        # Start from the better of the GITS grid and the best built-in grid that starts at t_max.
-        starts = {"gits": t_gits}
+        # Start from the best of the GITS grid and the built-in grids (those starting at t_max only
+        # when t_0 is fixed).
+        if not isinstance(free_start, bool):
+            raise TypeError(f"free_start must be True or False, got {free_start!r}")
+        starts = {"gits (dynamic program)": t_gits}
         for spec, schedule in builtins.items():
             try:
                 with warnings.catch_warnings():
@@ -289,13 +295,15 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
                     t = schedule(ns, steps)
             except ValueError:
                 continue
-            if abs(float(t[0]) - float(ns.t_max)) <= 1e-9 * max(1.0, abs(ns.t_max)) and math.isfinite(builtin[spec]):
+            at_max = abs(float(t[0]) - float(ns.t_max)) <= 1e-9 * max(1.0, abs(ns.t_max))
+            if (free_start or at_max) and math.isfinite(builtin[spec]):
                 starts[spec] = t
         fit = teacher if ld3_samples is None or ld3_samples >= num_samples else _subset(teacher, ld3_samples)
         scores = {k: so.endpoint_rmse(solver_obj, denoise, fit, t) for k, t in starts.items()}
         init = min(scores, key=scores.get)
-        t_opt, _, evals = so.ld3_schedule(solver_obj, denoise, fit, steps, starts[init], max_evals, progress=progress)
-        record.update(ld3_init=init, ld3_evals=evals, ld3_samples=fit.noise.shape[0])
+        t_opt, _, evals = so.ld3_schedule(solver_obj, denoise, fit, steps, starts[init], max_evals, progress=progress,
+                                          free_start=free_start)
+        record.update(ld3_init=init, ld3_evals=evals, ld3_samples=fit.noise.shape[0], ld3_free_start=free_start)
     objective = so.endpoint_rmse(solver_obj, denoise, teacher, t_opt)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if command is None:

@@ -3,9 +3,11 @@
 Both methods fit the grid to the model's own *teacher* trajectories: accurate probability-flow ODE
 solutions from calibration noises ``x_T`` (standard normal, scaled by the sampler's prior scale at
 ``t_max``), recorded at a fine grid of ``M`` times (:func:`fine_grid`; uniform in ``lambda_``
-between the noise schedule's ends, its first point at ``t_max``) and at the clean end. The first
-evaluation is always at ``t_max`` (where the noise is drawn) and the last step always goes to
-``sigma = 0``; what is chosen are the ``N - 1`` times in between.
+between the noise schedule's ends, its first point at ``t_max``) and at the clean end. The last
+step always goes to ``sigma = 0``. GITS keeps the first evaluation at ``t_max`` and chooses the
+``N - 1`` times in between; LD3 may also move the first time ``t_0`` below ``t_max`` (the noise is
+then drawn there, as the ``leading`` and ``ddim_uniform`` schedules do), still judged against the
+teacher's endpoint from ``t_max``.
 
 * :func:`gits_schedule` -- GITS (Chen et al., "On the Trajectory Regularity of ODE-based Diffusion
   Sampling", arXiv 2405.11326, section 4): a dynamic program over paths through the fine grid. The
@@ -21,7 +23,8 @@ evaluation is always at ``t_max`` (where the noise is drawn) and the last step a
   RMS distance between the solver's endpoint and the teacher's endpoint over the calibration noises
   (scipy Nelder-Mead; LD3 proper backpropagates an LPIPS loss through the solver, which the
   solvers' scalar grid arithmetic does not allow). It starts from a given grid (the GITS one or the
-  best built-in schedule).
+  best built-in schedule); a start at ``t_max`` is refined first with ``t_0`` fixed, then with
+  ``t_0`` free.
 
 All errors are ``sqrt(mean((a - b)^2))`` over samples and dimensions, the GMM benchmark's trajectory
 RMSE. Only deterministic solvers can be tuned (a stochastic step has no teacher trajectory).
@@ -309,43 +312,66 @@ def gits_schedule(solver: Solver, teacher: Teacher, steps: int, denoise: Denoise
 # ---- LD3-style continuous optimisation ------------------------------------------------------------
 @dataclass(frozen=True)
 class LogSigmaParams:
-    """The ``N - 1`` free times between ``t_0 = t_max`` and ``t_min`` as softmax weights of
-    log-sigma increments: ``u_k = u_top - (u_top - u_min) * cumsum(softmax(theta))[k - 1]``,
-    ``u = log(sigma / alpha)``, ``k = 1 .. N - 1`` (``theta`` has ``N`` entries: the last weight is
-    the gap left above ``t_min``). Any ``theta`` gives strictly decreasing times in range."""
+    """The free times of an ``N``-step grid as softmax weights of log-sigma increments:
+    ``u = top - (top - bottom) * cumsum(softmax(theta))``, ``u = log(sigma / alpha)`` between the
+    noise schedule's ends ``top = u(t_max_finite)`` and ``bottom = u(t_min)``. Any ``theta`` gives
+    strictly decreasing times in range.
+
+    ``free_start=False``: ``t_0 = t_max``, ``theta`` has ``N`` entries and the first ``N - 1``
+    cumulative sums place ``t_1 .. t_{N-1}`` (the last weight is the gap left above ``t_min``).
+    ``free_start=True``: ``theta`` has ``N + 1`` entries and the first ``N`` cumulative sums place
+    ``t_0 .. t_{N-1}``: the first time may lie below ``t_max`` (as the ``leading`` and
+    ``ddim_uniform`` schedules start; the noise is then drawn there)."""
 
     ns: NoiseSchedule
     steps: int
+    free_start: bool = False
 
     @property
     def bounds(self) -> tuple[float, float]:
         lo, hi = self.ns.sigma_ve_range()
         return math.log(hi), math.log(lo)
 
+    @property
+    def size(self) -> int:
+        return self.steps + 1 if self.free_start else self.steps
+
     def times(self, theta: np.ndarray) -> Tensor:
         top, bottom = self.bounds
         w = np.exp(theta - theta.max())
         w = w / w.sum()
-        u = top - (top - bottom) * np.cumsum(w)[: self.steps - 1]
+        cum = np.cumsum(w)
+        u = top - (top - bottom) * (cum[: self.steps] if self.free_start else cum[: self.steps - 1])
         t_rest = self.ns.t_from_sigma_ve(torch.exp(torch.tensor(u, dtype=torch.float64))).clamp(self.ns.t_min,
                                                                                                   self.ns.t_max)
+        if self.free_start:
+            return t_rest
         return torch.cat([torch.tensor([float(self.ns.t_max)], dtype=torch.float64), t_rest])
 
-    def theta(self, t_eval: Tensor) -> np.ndarray:
-        """The parameters of a grid starting at ``t_max`` (inverse of :meth:`times` up to clipping)."""
+    def theta(self, t_eval: Tensor, min_start_gap: float = 0.02) -> np.ndarray:
+        """The parameters of a grid (inverse of :meth:`times` up to clipping). Fixed start: the grid
+        starts at ``t_max``. Free start: a first gap below ``min_start_gap`` of the range is
+        raised to it, so that the optimiser can move ``t_0`` (one softmax weight near 0 would
+        stay there)."""
         top, bottom = self.bounds
-        t_rest = torch.as_tensor(t_eval, dtype=torch.float64)[1:]
-        u = torch.log(self.ns.sigma_ve(t_rest)).numpy() if t_rest.numel() else np.zeros(0)
+        t_all = torch.as_tensor(t_eval, dtype=torch.float64)
+        t_free = t_all if self.free_start else t_all[1:]
+        u = torch.log(self.ns.sigma_ve(t_free)).numpy() if t_free.numel() else np.zeros(0)
         u = np.clip(u, bottom, top)
         edges = np.concatenate([[top], u, [bottom]])
         gaps = np.maximum(-np.diff(edges), 1e-6 * (top - bottom))
+        if self.free_start:
+            gaps[0] = max(gaps[0], min_start_gap * (top - bottom))
         return np.log(gaps / gaps.sum())
 
 
 def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int, init: Tensor,
-                 max_evals: int | None = None, progress: bool = False) -> tuple[Tensor, float, int]:
-    """Minimise the endpoint RMSE against the teacher over the ``steps - 1`` free times
-    (:class:`LogSigmaParams`; Nelder-Mead from ``init``, a grid starting at ``t_max``).
+                 max_evals: int | None = None, progress: bool = False,
+                 free_start: bool = False) -> tuple[Tensor, float, int]:
+    """Minimise the endpoint RMSE against the teacher (whose trajectories start at ``t_max``) over
+    the free times (:class:`LogSigmaParams`: ``t_1 .. t_{N-1}``, or with ``free_start`` also
+    ``t_0 <= t_max``; Nelder-Mead from ``init``, a grid that starts at ``t_max`` unless
+    ``free_start``).
 
     Returns:
         ``(t, objective, objective evaluations)``: the best grid seen (never worse than ``init``).
@@ -354,39 +380,49 @@ def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int,
 
     steps = check_steps(steps)
     check_deterministic(solver)
-    params = LogSigmaParams(teacher.noise_schedule, steps)
+    ns = teacher.noise_schedule
     init = torch.as_tensor(init, dtype=torch.float64)
     base = endpoint_rmse(solver, denoise, teacher, init)
-    if steps == 1:
+    at_max = abs(float(init[0]) - float(ns.t_max)) <= 1e-9 * max(1.0, abs(float(ns.t_max)))
+    if not free_start and not at_max:
+        raise ValueError(f"with t_0 fixed the initial grid must start at t_max = {float(ns.t_max)}, got {float(init[0])}")
+    # A grid starting at t_max is first refined with t_0 fixed (half the budget), then with t_0 free.
+    stages = [LogSigmaParams(ns, steps, False)] if at_max else []
+    if free_start:
+        stages.append(LogSigmaParams(ns, steps, True))
+    stages = [p for p in stages if p.size > 1]
+    if not stages:
         return init, base, 1
     budget = max_evals if max_evals is not None else 40 * steps
     best = {"f": base, "t": init}
     bar = tqdm(total=budget, disable=not progress, leave=False, desc="ld3")
-
     evals = [1]
 
-    def objective(theta: np.ndarray) -> float:
-        evals[0] += 1
-        bar.update()
-        t = params.times(theta)
-        try:
-            f = endpoint_rmse(solver, denoise, teacher, t)
-        except ValueError:  # times collapsed onto each other by clamping
-            return float("inf")
-        if not math.isfinite(f):
-            return float("inf")
-        if f < best["f"]:
-            best["f"], best["t"] = f, t
-            bar.set_postfix(rmse=f"{f:.4g}")
-        return f
+    for n, params in enumerate(stages):
+        stop = budget if n == len(stages) - 1 else 1 + (budget - 1) // len(stages)
 
-    # Nelder-Mead, restarted from the best point with a smaller simplex whenever it converges early.
-    theta, scale = params.theta(init), 1.0
-    while evals[0] < budget and scale > 0.05:
-        simplex = np.vstack([theta] + [theta + scale * np.eye(steps)[k] for k in range(steps)])
-        minimize(objective, theta, method="Nelder-Mead",
-                 options={"maxfev": budget - evals[0], "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
-        theta, scale = params.theta(best["t"]), scale / 2
+        def objective(theta: np.ndarray, params: LogSigmaParams = params) -> float:
+            evals[0] += 1
+            bar.update()
+            t = params.times(theta)
+            try:
+                f = endpoint_rmse(solver, denoise, teacher, t)
+            except ValueError:  # times collapsed onto each other by clamping
+                return float("inf")
+            if not math.isfinite(f):
+                return float("inf")
+            if f < best["f"]:
+                best["f"], best["t"] = f, t
+                bar.set_postfix(rmse=f"{f:.4g}")
+            return f
+
+        # Nelder-Mead, restarted from the best point with a smaller simplex whenever it converges early.
+        theta, scale = params.theta(best["t"]), 1.0
+        while evals[0] < stop and scale > 0.05:
+            simplex = np.vstack([theta] + [theta + scale * np.eye(params.size)[k] for k in range(params.size)])
+            minimize(objective, theta, method="Nelder-Mead",
+                     options={"maxfev": stop - evals[0], "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
+            theta, scale = params.theta(best["t"]), scale / 2
     bar.close()
     return best["t"], best["f"], evals[0]
 
