@@ -58,13 +58,15 @@ def _check_out_file(out: Path, overwrite: bool) -> None:
               help="LD3 objective evaluations (default 40 x steps).")
 @click.option("--ld3-samples", type=click.IntRange(min=1), default=None,
               help="Calibration noises LD3 fits on (default: all).")
+@click.option("--fixed-start", is_flag=True,
+              help="LD3: keep the first time at t_max (default: LD3 may start lower, as leading / ddim_uniform do).")
 @click.option("--cfg-scale", type=FiniteFloat(min=0), default=None, help="CFG scale of the trajectories.")
 @click.option("--prompt", default="a photo", show_default=True, help="Calibration prompt (text-to-image pipelines).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The schedule file (JSON) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, teacher_substeps, max_evals, ld3_samples,
-                 cfg_scale, prompt, out, overwrite, quiet):
+                 fixed_start, cfg_scale, prompt, out, overwrite, quiet):
     """Tune the N evaluation times of a solver for one model (GITS or LD3) and write them as JSON.
 
     \b
@@ -93,7 +95,7 @@ def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, te
     schedule = optimize_schedule(model, solver=solver, steps=steps, method=method, num_samples=num_samples, seed=seed,
                                  fine_steps=fine_steps, teacher_substeps=teacher_substeps, max_evals=max_evals,
                                  ld3_samples=ld3_samples, cfg_scale=cfg_scale, prompt=prompt, progress=not quiet,
-                                 command=command)
+                                 command=command, free_start=not fixed_start)
     import json
 
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(schedule.to_dict(), indent=2) + "\n"))

@@ -92,6 +92,15 @@ def test_malformed_schedule_file_exits_2(tmp_path, content, match):
     assert result.exit_code == 2 and match in result.output and not gen.exists()
 
 
+def test_fixed_start_keeps_t_max(tmp_path):
+    out = tmp_path / "f.json"
+    result = run("optimize-schedule", "--model", "mnist", "--solver", "dpmpp_2m", "--steps", "2", "--method", "ld3",
+                 "--max-evals", "6", "--fixed-start", *SMALL, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["t"][0] == 999.0 and data["ld3_free_start"] is False
+
+
 def test_the_mismatch_line_is_printed_once(schedule_file, tmp_path):
     # A real process (pytest records warnings instead of printing them, which hid the duplicate:
     # the Python warning on stderr and the CLI's note line both printed it).
