@@ -8,25 +8,30 @@ Phases (``--phase``; cells go to ``--work/*.jsonl``, a rerun resumes; every comm
 
 * ``gmm`` -- the two problems of ``benchmarks/gmm_solvers.py`` (SD's discrete VP process, the same
   seeded noises, its reference ODE solutions): every deterministic SOLVERS entry (SteinDiff presets
-  left out: they are experimental and spend model evaluations beyond their NFE) x ``GMM_SCHEDULES``
-  x NFE. A solver runs the most steps whose ``nfe`` fits the budget (Heun: ``2 steps - 1``).
-* ``screen`` -- MNIST-FD at NFE 5, N = ``--screen-samples`` (250), seed 0, for ``MNIST_SOLVERS`` x
-  ``MNIST_SCHEDULES``: to pick the configurations worth N = 1,000.
-* ``full`` -- MNIST-FD at N = 1,000, seed 0, NFE 4, 5, 6, 8, 10, for the ``--top`` best screened
-  configurations plus the baselines (``unipc_bh2 / leading``: today's best, 3.29 at NFE 5;
-  ``unipc_bh2 / csflow``).
-* ``seeds`` -- the seed sets 100000 and 200000 (N = 1,000) at ``--seed-nfe`` for the best
-  ``--seed-top`` configurations of ``full`` at NFE 5 and the baselines.
+  left out: they are experimental and spend model evaluations beyond their NFE) plus ``deis:basis=tab``
+  x ``GMM_SCHEDULES`` x NFE, and ``GMM_MULTISTEP`` x ``GMM_OPTION_SCHEDULES``. A solver runs the most
+  steps whose ``nfe`` fits the budget (Heun: ``2 steps - 1``).
+* ``gmm_opt`` -- ``GMM_OPT_SOLVERS`` x NFE with a schedule from the public ``diffsample.optimize_schedule``
+  (LD3, 256 calibration noises from seed 10**12, disjoint from the evaluation noises), scored like the
+  built-in rows; cells are keyed by a hash of the optimiser's source, the report takes the newest.
+* ``screen`` -- MNIST-FD at NFE 5, N = ``--screen-samples`` (250), seed 0, for ``--screen-solvers`` x
+  ``MNIST_SCHEDULES`` (the first solver x ``MNIST_SCHEDULES_ALL``): to pick the configurations worth N = 1,000.
+* ``sweep`` -- MNIST-FD at N = 1,000 (``sweep``'s docstring; the committed sizing is ``SIZING_NOTE``): every
+  solver x its ``--per-solver`` best screened schedules at NFE 5, narrower sets at the other NFE, then the
+  seed sets 100000 and 200000 for the best configurations per NFE and ``unipc_bh2 / leading``.
+* ``full`` / ``seeds`` -- the first run's MNIST phases (the ``--top`` screened configurations; kept so its
+  commands still reproduce).
 * ``report`` -- ``breadth_{gmm,mnist}.json``, ``breadth.md`` (best configuration per NFE, ratios to
   today's best, full tables) and ``breadth.png`` into ``--out``.
 
 "Today's best" is the best configuration over the solvers and schedules that existed before issue 17
-(``BEFORE_SOLVERS`` x ``BEFORE_SCHEDULES``), rerun in the same phase. Usage::
+(``BEFORE_SOLVERS`` x ``BEFORE_SCHEDULES``, karras / polyexponential with any option), rerun in the same
+phase. Usage (``all`` approximates the committed run; its exact commands are in the report)::
 
     OMP_NUM_THREADS=1 python benchmarks/breadth_bench.py --phase all --out benchmarks/results
 
-The committed results ran the phases one by one on a shared 2-core CPU (MNIST: NFE 5 first, then
-the seed sets, then NFE 4, 6, 8, 10); ``benchmarks/results/breadth.md`` lists the exact commands.
+The committed results ran the phases one by one on a shared 2-core CPU (``nice -n 5``);
+``benchmarks/results/breadth.md`` lists the exact commands.
 
 This is a script, not a test: it asserts nothing.
 """
@@ -59,10 +64,21 @@ BEFORE_SOLVERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh1", "unipc_b
 BEFORE_SCHEDULES = ("karras", "exponential", "linspace", "leading", "trailing", "polyexponential:rho=2", "csflow")
 GMM_SCHEDULES = ("karras", "exponential", "linspace", "leading", "trailing", "polyexponential:rho=2", "simple",
                  "normal", "sgm_uniform", "ddim_uniform", "beta", "kl_optimal", "laplace", "vp", "align_your_steps",
-                 "align_your_steps:model=sdxl", "gits", "gits:coeff=1.1", "gits:coeff=1.3")
+                 "align_your_steps:model=sdxl", "gits", "gits:coeff=1.1", "gits:coeff=1.3", "linear_quadratic")
+# Option variants of pre-issue schedules (so 'before' for the solvers that existed): tried on the multistep solvers
+# of order >= 3 only, for the GMM cells the first run left short of 1.2x.
+GMM_OPTION_SCHEDULES = ("karras:rho=5", "polyexponential:rho=1.5")
+GMM_MULTISTEP = ("dpmpp_3m", "unipc_bh1", "unipc_bh2", "uni_pc", "uni_pc_bh2", "ipndm", "ipndm_v", "deis",
+                 "deis:basis=tab", "lms")
+# Built-in solver + per-model optimised schedule (diffsample.optimize_schedule, LD3 started from the better of
+# GITS and the best built-in; 256 calibration noises from CALIBRATION_SEED, disjoint from the evaluation noises).
+GMM_OPT_SOLVERS = ("unipc_bh2", "uni_pc", "deis", "ipndm", "dpmpp_2m")
+GMM_OPT_METHOD = "ld3"
+GMM_OPT_CALIB = 256
 GMM_NFES = (5, 6, 8, 10, 15, 20)
-# Sized for a shared 2-core CPU: the multistep solvers of order >= 3 (ipndm first, screened on every schedule).
-MNIST_SOLVERS = ("ipndm", "unipc_bh2", "uni_pc_bh2", "dpmpp_3m", "deis")
+# The screen (NFE 5, N = 250, seed 0): every deterministic solver (ipndm first, screened on every schedule).
+MNIST_SOLVERS = ("ipndm", "unipc_bh2", "uni_pc_bh2", "dpmpp_3m", "deis", "ipndm_v", "deis:basis=tab", "lms", "uni_pc",
+                 "unipc_bh1", "dpmpp_2m", "res_multistep", "gradient_estimation", "heunpp2", "euler", "heun", "dpm_2")
 # The screen's schedules: ipndm's first row measured all 13 of these; the seven that failed badly at NFE 5
 # on this model (trailing, karras, beta, laplace, vp, kl_optimal: FD 66-316, all start at sigma ~157) are
 # left out for the other solvers, keeping sgm_uniform as the one uniform-to-the-top representative.
@@ -71,6 +87,32 @@ MNIST_SCHEDULES_ALL = ("leading", "trailing", "karras", "align_your_steps", "git
 MNIST_SCHEDULES = ("leading", "align_your_steps", "gits", "gits:coeff=1.1", "ddim_uniform", "csflow")
 MNIST_NFES = (4, 5, 6, 8, 10)
 BASELINES = (("unipc_bh2", "leading"), ("unipc_bh2", "csflow"))
+SIZING_NOTE = """### What the MNIST part ran, and what it did not
+
+The issue asks every deterministic solver x the schedules that make sense for it at NFE 4, 5, 6, 8, 10, N = 1,000,
+three seed sets. On a shared 2-core CPU (~70 CPU-minutes for MNIST) that was sized as follows (commands above):
+
+1. Screen, NFE 5, N = 250, seed set 0: all 17 deterministic solvers (`MNIST_SOLVERS`) x leading, align_your_steps,
+   gits, gits:coeff=1.1, ddim_uniform, csflow; `ipndm` also x trailing, karras, kl_optimal, beta, sgm_uniform,
+   laplace and vp (MNIST-FD 66-316: the grids that start at VE sigma ~157 fail at 5 steps on this model, so they
+   were not screened for the other solvers).
+2. NFE 5, N = 1,000, seed set 0: every solver x its two best screened schedules, plus `unipc_bh2 / leading`
+   (today's best) and `unipc_bh2 / csflow`.
+3. NFE 4 and 6, seed set 0: each solver's better configuration at NFE 5 (one per solver) plus the two baselines.
+4. NFE 8 and 10, seed set 0: the configurations of step 3 within 1.5x of the best FD at NFE 6, plus the baselines.
+5. Seed sets 100000 and 200000: at NFE 5 the three best configurations of seed set 0 plus `unipc_bh2 / leading`;
+   at NFE 4, 6, 8 and 10 the two best plus `unipc_bh2 / leading`.
+
+Not run: the second schedule of each solver at NFE 4-10; schedules outside the six above for 16 of the 17 solvers;
+three seed sets for any configuration outside step 5 (the best-by-seed-0 choice favours configurations that were
+lucky on seed set 0; the 3-set means are the numbers to quote); the stochastic solvers (no convergence order).
+
+`uni_pc_bh2` against `unipc_bh2` (and `uni_pc` against `unipc_bh1`): the same algorithm with predictor order 3
+instead of 2. With `lower_order_final` (the default, diffusers' rule) step `i` of `N` uses order
+`min(3, i + 1, N - i)`, which is at most 2 for `N <= 4`: the two are identical there by design (NFE 4 csflow above:
+both 2.40; on the GMM the outputs agree bit for bit at 2-4 steps). From 5 steps they differ (at 5 steps only the
+middle step is order 3: MNIST-FD 3.7758 against 3.7761 on `leading`, N = 250; 0.838 against 0.876 on `csflow`,
+N = 1,000)."""
 SEED_SETS = (0, 100_000, 200_000)
 EXCLUDED_SOLVER_PREFIXES = ("stein",)
 
@@ -85,7 +127,8 @@ def deterministic_solvers() -> tuple[list[str], list[str]]:
             skipped.append(name)
         else:
             specs.append(name)
-    return specs + [s for s in BEFORE_SOLVERS if s not in specs], skipped
+    extra = [s for s in BEFORE_SOLVERS + ("deis:basis=tab",) if s not in specs]
+    return specs + extra, skipped
 
 
 def steps_for_nfe(solver_spec: str, schedule_spec: str, ns, nfe: int) -> int | None:
@@ -102,7 +145,9 @@ def steps_for_nfe(solver_spec: str, schedule_spec: str, ns, nfe: int) -> int | N
 
 
 def is_before(solver: str, schedule: str) -> bool:
-    return solver in BEFORE_SOLVERS and schedule in BEFORE_SCHEDULES
+    """A configuration that existed before issue 17 (option variants of karras / polyexponential included)."""
+    family = schedule.split(":")[0]
+    return solver in BEFORE_SOLVERS and (schedule in BEFORE_SCHEDULES or family in ("karras", "polyexponential"))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -122,29 +167,99 @@ def phase_gmm(args, log) -> None:
                                 generator=torch.Generator().manual_seed(NOISE_SEEDS[pname]))
             refs = References(gmm, ns, noise, 1e-10, args.ref_cache, pname)
             start = time.perf_counter()
+            pairs = [(so, sc) for so in solvers for sc in GMM_SCHEDULES]
+            pairs += [(so, sc) for so in GMM_MULTISTEP for sc in GMM_OPTION_SCHEDULES]
             for nfe in GMM_NFES:
-                for solver in solvers:
-                    for schedule in GMM_SCHEDULES:
-                        if (pname, solver, schedule, nfe) in done:
-                            continue
-                        cell = dict(problem=pname, solver=solver, schedule=schedule, nfe_target=nfe,
-                                    samples=args.gmm_samples, before=is_before(solver, schedule))
-                        try:
-                            steps = steps_for_nfe(solver, schedule, ns, nfe)
-                            if steps is None:
-                                raise ValueError(f"no step count fits NFE {nfe}")
-                            out = Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps)(
-                                gmm.denoiser(ns), noise)
-                            t0 = round(out.grid.t_list[0], 6)
-                            ref = refs(t0)
-                            finite = bool(torch.isfinite(out.x).all())
-                            cell.update(steps=steps, nfe=out.nfe, t0=t0,
-                                        rmse=rmse(out.x, ref) if finite else float("nan"))
-                        except Exception as exc:  # a failing configuration is a result
-                            cell.update(steps=None, nfe=None, t0=None, rmse=float("nan"), error=repr(exc)[:300])
-                        fh.write(json.dumps(cell) + "\n")
-                        fh.flush()
+                for solver, schedule in pairs:
+                    if (pname, solver, schedule, nfe) in done:
+                        continue
+                    cell = dict(problem=pname, solver=solver, schedule=schedule, nfe_target=nfe,
+                                samples=args.gmm_samples, before=is_before(solver, schedule))
+                    try:
+                        steps = steps_for_nfe(solver, schedule, ns, nfe)
+                        if steps is None:
+                            raise ValueError(f"no step count fits NFE {nfe}")
+                        out = Sampler(SOLVERS.create(solver), STEP_SCHEDULES.create(schedule), steps)(
+                            gmm.denoiser(ns), noise)
+                        t0 = round(out.grid.t_list[0], 6)
+                        ref = refs(t0)
+                        finite = bool(torch.isfinite(out.x).all())
+                        cell.update(steps=steps, nfe=out.nfe, t0=t0,
+                                    rmse=rmse(out.x, ref) if finite else float("nan"))
+                    except Exception as exc:  # a failing configuration is a result
+                        cell.update(steps=None, nfe=None, t0=None, rmse=float("nan"), error=repr(exc)[:300])
+                    fh.write(json.dumps(cell) + "\n")
+                    fh.flush()
                 log(f"[gmm {pname}] NFE {nfe} done ({time.perf_counter() - start:.0f} s, {len(refs.refs)} references)")
+
+
+def optimizer_version() -> str:
+    """Short content hash of the schedule optimiser's two modules (cells are keyed by it: a rerun after a
+    change to the optimiser makes new cells; the report takes the newest)."""
+    import hashlib
+
+    import diffsample.run.optimize as ro
+    import diffsample.samplers.schedule_optimizer as so
+
+    h = hashlib.sha256(Path(so.__file__).read_bytes() + Path(ro.__file__).read_bytes())
+    return h.hexdigest()[:10]
+
+
+def phase_gmm_opt(args, log) -> None:
+    """GMM_OPT_SOLVERS x GMM_NFES with a schedule from ``diffsample.optimize_schedule`` (public API) per problem,
+    solver and NFE, scored on the same evaluation noises and references as the built-in rows."""
+    from diffsample import optimize_schedule
+    from diffsample.run.optimize import CALIBRATION_SEED, calibration_teacher
+
+    path = args.work / "gmm_opt.jsonl"
+    version = optimizer_version()
+    done = {(c["problem"], c["solver"], c["nfe_target"], c["optimizer_version"]) for c in read_jsonl(path)}
+    ns = DiscreteVP.from_config(SD_BETAS)
+    with open(path, "a") as fh:
+        for pname, pcfg in PROBLEMS.items():
+            todo = [(s, n) for s in GMM_OPT_SOLVERS for n in GMM_NFES if (pname, s, n, version) not in done]
+            if not todo:
+                continue
+            gmm = GaussianMixture.random(**pcfg)
+            den = gmm.denoiser(ns)
+            noise = torch.randn(args.gmm_samples, pcfg["dim"], dtype=torch.float64,
+                                generator=torch.Generator().manual_seed(NOISE_SEEDS[pname]))
+            refs = References(gmm, ns, noise, 1e-10, args.ref_cache, pname)
+            cpu0 = time.process_time()
+            teacher = calibration_teacher(den, num_samples=GMM_OPT_CALIB, seed=CALIBRATION_SEED)
+            teacher_cpu = time.process_time() - cpu0
+            for solver, nfe in todo:
+                cell = dict(problem=pname, solver=solver, schedule=f"optimised:{GMM_OPT_METHOD}", nfe_target=nfe,
+                            samples=args.gmm_samples, before=False, optimizer_version=version,
+                            calibration=dict(num_samples=GMM_OPT_CALIB, seed=CALIBRATION_SEED),
+                            teacher_cpu_s=round(teacher_cpu, 2))
+                try:
+                    sched = optimize_schedule(den, solver=solver, steps=nfe, method=GMM_OPT_METHOD,
+                                              num_samples=GMM_OPT_CALIB, seed=CALIBRATION_SEED, teacher=teacher,
+                                              command=f"optimize_schedule(gmm {pname}, solver={solver!r}, steps={nfe}, "
+                                                      f"method={GMM_OPT_METHOD!r}, num_samples={GMM_OPT_CALIB})")
+                    sched.save(args.work / f"opt_{pname}_{solver}_{nfe}_{version}.json")
+                    out = Sampler(SOLVERS.create(solver), sched, nfe)(den, noise)
+                    t0 = round(out.grid.t_list[0], 6)
+                    finite = bool(torch.isfinite(out.x).all())
+                    cell.update(steps=nfe, nfe=out.nfe, t0=t0, t=list(sched.t), objective=sched.objective,
+                                best_builtin_objective=list(sched.best_builtin or ()),
+                                cpu_s=sched.extra.get("cpu_seconds"), init=sched.extra.get("ld3_init"),
+                                rmse=rmse(out.x, refs(t0)) if finite else float("nan"))
+                except Exception as exc:  # a failing configuration is a result
+                    cell.update(steps=None, nfe=None, t0=None, rmse=float("nan"), error=repr(exc)[:300])
+                fh.write(json.dumps(cell) + "\n")
+                fh.flush()
+                log(f"[gmm_opt {pname}] {solver} NFE {nfe}: RMSE {cell['rmse']:.4g} ({cell.get('cpu_s')} CPU-s)"
+                    + (f" {cell['error']}" if "error" in cell else ""))
+
+
+def latest_opt_cells(work: Path) -> list[dict]:
+    """The newest optimised cell per (problem, solver, NFE)."""
+    newest = {}
+    for c in read_jsonl(work / "gmm_opt.jsonl"):
+        newest[(c["problem"], c["solver"], c["nfe_target"])] = c
+    return list(newest.values())
 
 
 # ---- MNIST ------------------------------------------------------------------------------------
@@ -226,6 +341,65 @@ def seed_configs(args) -> list[tuple[str, str]]:
     return configs
 
 
+def per_solver_configs(args) -> list[tuple[str, str]]:
+    """Every screened solver x its ``--per-solver`` best schedules of the screen (NFE 5, N = 250, seed 0), plus
+    the baselines."""
+    cells = [c for c in read_jsonl(args.work / "mnist.jsonl")
+             if c["num_samples"] == args.screen_samples and c["seed"] == 0 and c["nfe_target"] == 5]
+    configs = list(BASELINES)
+    for solver in MNIST_SOLVERS:
+        for c in ranked([c for c in cells if c["solver"] == solver])[:args.per_solver]:
+            if (solver, c["schedule"]) not in configs:
+                configs.append((solver, c["schedule"]))
+    return configs
+
+
+def full_cells(args, nfe: int, seed: int) -> dict[tuple[str, str], dict]:
+    return {(c["solver"], c["schedule"]): c for c in read_jsonl(args.work / "mnist.jsonl")
+            if c["num_samples"] == 1000 and c["seed"] == seed and c["nfe_target"] == nfe}
+
+
+def best_per_solver(args, configs, nfe: int) -> list[tuple[str, str]]:
+    """Each solver's best of ``configs`` at ``nfe`` (seed set 0, N = 1,000), plus the baselines."""
+    cells = full_cells(args, nfe, 0)
+    out = list(BASELINES)
+    for solver in MNIST_SOLVERS:
+        mine = ranked([cells[c] for c in configs if c[0] == solver and c in cells])
+        if mine and (solver, mine[0]["schedule"]) not in out:
+            out.append((solver, mine[0]["schedule"]))
+    return out
+
+
+def sweep(args, log) -> None:
+    """Seed set 0 at every ``--full-nfe`` (in that order), then seed sets 100000 / 200000 at every ``--seed-nfe``.
+
+    Configurations at NFE ``n`` (seed set 0): at ``--ref-nfe`` (5) every screened solver x its ``--per-solver``
+    best screened schedules (``per_solver_configs``); at ``--narrow-nfe`` each solver's better one at ``--ref-nfe``;
+    at ``--best-only-nfe`` those of the narrow set within ``--within`` x the best FD at the largest narrow NFE
+    below ``n``. Seed sets: the ``--seed-top`` best of seed set 0 at that NFE plus ``unipc_bh2 / leading``.
+    """
+    configs = per_solver_configs(args)
+    narrow = {int(v) for v in args.narrow_nfe.split(",") if v}
+    best_only = {int(v) for v in args.best_only_nfe.split(",") if v}
+    for nfe in [int(v) for v in args.full_nfe.split(",") if v]:
+        if nfe in narrow:
+            here = best_per_solver(args, configs, args.ref_nfe)
+        elif nfe in best_only:
+            lower = max(n for n in narrow if n < nfe)
+            prev = full_cells(args, lower, 0)
+            cands = [c for c in best_per_solver(args, configs, args.ref_nfe) if c in prev]
+            best = min(prev[c]["mnist_fd"] for c in cands)
+            here = list(BASELINES) + [c for c in cands if prev[c]["mnist_fd"] <= args.within * best
+                                      and c not in BASELINES]
+        else:
+            here = configs
+        run_mnist([(s, sch, nfe, 0, 1000) for s, sch in here], args, log)
+    for nfe in [int(v) for v in args.seed_nfe.split(",") if v]:
+        top = [(c["solver"], c["schedule"]) for c in ranked(list(full_cells(args, nfe, 0).values()))][:args.seed_top]
+        seeded = top + [BASELINES[0]] * (BASELINES[0] not in top)
+        run_mnist([(s, sch, nfe, seed, 1000) for s, sch in seeded for seed in SEED_SETS[1:]], args, log)
+
+
 # ---- report ------------------------------------------------------------------------------------
 def fmt(v) -> str:
     if v is None or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -233,7 +407,13 @@ def fmt(v) -> str:
     return f"{v:.3g}" if v >= 1e-3 else f"{v:.2e}"
 
 
-def gmm_summary(cells: list[dict]) -> list[dict]:
+T_MAX = 999.0
+
+
+def gmm_summary(cells: list[dict], from_t_max: bool = False) -> list[dict]:
+    """Best now and best before per (problem, NFE); ``from_t_max``: only runs whose first point is ``t_max``."""
+    if from_t_max:
+        cells = [c for c in cells if c.get("t0") is not None and c["t0"] >= T_MAX - 1e-6]
     rows = []
     for p in PROBLEMS:
         for nfe in GMM_NFES:
@@ -241,10 +421,12 @@ def gmm_summary(cells: list[dict]) -> list[dict]:
             if not here:
                 continue
             best = min(here, key=lambda c: c["rmse"])
-            before = [c for c in here if c["before"]]
+            before = [c for c in here
+                      if is_before(c["solver"], c["schedule"]) and not c["schedule"].startswith("optimised")]
             best_before = min(before, key=lambda c: c["rmse"]) if before else None
             rows.append(dict(problem=p, nfe=nfe, best=f"{best['solver']} / {best['schedule']}", best_rmse=best["rmse"],
-                             best_nfe=best["nfe"],
+                             best_nfe=best["nfe"], best_t0=best.get("t0"),
+                             before_t0=best_before.get("t0") if best_before else None,
                              before=f"{best_before['solver']} / {best_before['schedule']}" if best_before else None,
                              before_rmse=best_before["rmse"] if best_before else None,
                              ratio=best_before["rmse"] / best["rmse"] if best_before else None))
@@ -267,14 +449,35 @@ def mnist_summary(cells: list[dict]) -> list[dict]:
         if not stats:
             continue
         best = min(stats, key=lambda s: s["seed0"])
+        before = [s for s in stats if s["before"]]
+        best_before = min(before, key=lambda s: s["seed0"]) if before else None
         base = next((s for s in stats if s["config"] == "unipc_bh2 / leading"), None)
-        rows.append(dict(nfe=nfe, best=best, baseline=base, configs=stats,
-                         ratio=(base["seed0"] / best["seed0"]) if base else None))
+        three = [s for s in stats if s["sets"] == len(SEED_SETS)]
+        best3 = min(three, key=lambda s: s["mean"]) if three else None
+        rows.append(dict(nfe=nfe, best=best, baseline=base, best_before=best_before, best3=best3, configs=stats,
+                         ratio=(base["seed0"] / best["seed0"]) if base else None,
+                         ratio3=(base["mean"] / best3["mean"]) if base and best3 and base["sets"] == len(SEED_SETS)
+                         else None,
+                         ratio_before=(best_before["seed0"] / best["seed0"]) if best_before else None))
     return rows
+
+
+def gmm_ratio_table(rows: list[dict]) -> list[str]:
+    out = ["| problem | NFE | best now | t_0 | RMSE | best before | t_0 | RMSE | before / now | >= 1.2x |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ok = r["ratio"] is not None and r["ratio"] >= 1.2
+        out.append(f"| {r['problem']} | {r['nfe']} | {r['best']} | {r['best_t0']:.0f} | {fmt(r['best_rmse'])} | "
+                   f"{r['before']} | {r['before_t0']:.0f} | {fmt(r['before_rmse'])} | {fmt(r['ratio'])} | "
+                   f"{'yes' if ok else 'no'} |")
+    met = sum(r["ratio"] is not None and r["ratio"] >= 1.2 for r in rows)
+    return out + ["", f"Target (>= 1.2x over the best pre-issue configuration per NFE) met in {met} of {len(rows)} "
+                      "cells."]
 
 
 def report(args, log) -> None:
     gmm_cells = read_jsonl(args.work / "gmm.jsonl")
+    opt_cells = latest_opt_cells(args.work)
     mnist_cells = read_jsonl(args.work / "mnist.jsonl")
     commands = (args.work / "commands.txt").read_text().splitlines() if (args.work / "commands.txt").exists() else []
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commands=commands,
@@ -282,34 +485,74 @@ def report(args, log) -> None:
                 versions=dict(python=platform.python_version(), torch=torch.__version__))
     solvers, skipped = deterministic_solvers()
     meta.update(gmm_solvers=solvers, gmm_solvers_left_out=skipped, gmm_schedules=list(GMM_SCHEDULES),
+                gmm_option_schedules=list(GMM_OPTION_SCHEDULES), gmm_multistep=list(GMM_MULTISTEP),
+                gmm_opt_solvers=list(GMM_OPT_SOLVERS), gmm_opt_method=GMM_OPT_METHOD,
                 before_solvers=list(BEFORE_SOLVERS), before_schedules=list(BEFORE_SCHEDULES))
-    gsum, msum = gmm_summary(gmm_cells), mnist_summary(mnist_cells)
+    gsum, gsum_opt, msum = gmm_summary(gmm_cells), gmm_summary(gmm_cells + opt_cells), mnist_summary(mnist_cells)
+    gsum_tmax = gmm_summary(gmm_cells, True)
+    gsum_opt_tmax = gmm_summary(gmm_cells + opt_cells, True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "breadth_gmm.json").write_text(json.dumps(dict(meta=meta, summary=gsum, cells=gmm_cells)))
+    (args.out / "breadth_gmm.json").write_text(json.dumps(dict(meta=meta, summary=gsum, summary_with_optimised=gsum_opt,
+                                                               summary_from_t_max=gsum_tmax,
+                                                               summary_with_optimised_from_t_max=gsum_opt_tmax,
+                                                               cells=gmm_cells, optimised_cells=opt_cells,
+                                                               optimised_cells_all_versions=read_jsonl(
+                                                                   args.work / "gmm_opt.jsonl"))))
     (args.out / "breadth_mnist.json").write_text(json.dumps(dict(meta=meta, summary=msum, cells=mnist_cells),
                                                             indent=1))
     out = ["# Breadth benchmark (issue 17): every deterministic solver x peer step schedules", "",
            "Commands (in order):", "", "```bash", *commands, "```", "",
            f"{meta['date']}; {meta['machine']['cpu']}, torch threads {meta['machine']['torch_threads']}, shared "
-           f"2-core CPU; torch {meta['versions']['torch']}. 'Before' = the solvers x schedules that existed before "
-           f"issue 17 ({', '.join(BEFORE_SOLVERS)} x {', '.join(BEFORE_SCHEDULES)}), rerun in the same phase.", ""]
+           f"2-core CPU (every command under nice -n 5 since the screen extension); torch "
+           f"{meta['versions']['torch']}. 'Before' = the solvers x schedules that existed before "
+           f"issue 17 ({', '.join(BEFORE_SOLVERS)} x {', '.join(BEFORE_SCHEDULES)}, and karras / polyexponential "
+           "with any option), rerun in the same phase.", ""]
     out += ["## GMM trajectory RMSE (SD discrete VP, exact denoiser; `benchmarks/gmm_solvers.py` problems)", "",
-            f"Solvers: {', '.join(solvers)} (left out: {', '.join(skipped)}). Schedules: {', '.join(GMM_SCHEDULES)}. "
-            "A solver takes the most steps whose NFE fits the budget. RMSE against the exact PF-ODE solution from "
-            "the run's own first point (scipy DOP853, tol 1e-10).", "",
-            "| problem | NFE | best now | RMSE | best before | RMSE | before / now |", "|---|---|---|---|---|---|---|"]
-    for r in gsum:
-        out.append(f"| {r['problem']} | {r['nfe']} | {r['best']} | {fmt(r['best_rmse'])} | {r['before']} | "
-                   f"{fmt(r['before_rmse'])} | {fmt(r['ratio'])} |")
-    out += ["", "## MNIST-FD (bundled model, N = 1,000; seed sets 0 / 100000 / 200000 where run)", ""]
+            f"Solvers: {', '.join(solvers)} (left out: {', '.join(skipped)}). Schedules: {', '.join(GMM_SCHEDULES)}; "
+            f"also {', '.join(GMM_OPTION_SCHEDULES)} for {', '.join(GMM_MULTISTEP)}. A solver takes the most steps "
+            "whose NFE fits the budget. RMSE against the exact PF-ODE solution from the run's own first point (scipy "
+            "DOP853, tol 1e-10), 2048 evaluation noises (the seeds of `gmm_solvers.py`).", "",
+            "### Reading 1: built-in schedules only", "", *gmm_ratio_table(gsum), "",
+            "### Reading 2: including a per-model optimised schedule", "",
+            f"Built-in solver + `diffsample.optimize_schedule(gmm.denoiser(ns), solver=..., steps=NFE, "
+            f"method='{GMM_OPT_METHOD}', num_samples={GMM_OPT_CALIB})` (LD3-style Nelder-Mead on the endpoint error, "
+            "started from the better of GITS and the best built-in; calibration noises from seed 10**12, disjoint "
+            f"from the evaluation noises) for {', '.join(GMM_OPT_SOLVERS)}. 'Before' stays the pre-issue built-ins.",
+            "", *gmm_ratio_table(gsum_opt), "",
+            "### Both readings again, only runs that start at t_max = 999", "",
+            "The RMSE is taken against the exact ODE solution from each run's own first point `t_0`: a grid that "
+            "starts below `t_max` (leading, ddim_uniform, and optimised grids whose first time moved down) skips the "
+            "start of the trajectory, and the noise it draws there is not the marginal at `t_0` for this mixture. "
+            "Restricted to runs with `t_0 = t_max` (before and now alike):", "",
+            "Built-in schedules only:", "", *gmm_ratio_table(gsum_tmax), "",
+            "Including optimised schedules:", "", *gmm_ratio_table(gsum_opt_tmax), ""]
+    if opt_cells:
+        versions_ = sorted({c["optimizer_version"] for c in opt_cells})
+        out += [f"Optimised rows (RMSE on the evaluation noises; optimiser content hash {', '.join(versions_)}; "
+                "CPU-s per schedule, teacher excluded):", "",
+                "| problem | solver | " + " | ".join(f"NFE {n}" for n in GMM_NFES) + " |",
+                "|---|---|" + "---|" * len(GMM_NFES)]
+        for pn in PROBLEMS:
+            for so in GMM_OPT_SOLVERS:
+                vals = []
+                for n in GMM_NFES:
+                    c = next((c for c in opt_cells if (c["problem"], c["solver"], c["nfe_target"]) == (pn, so, n)),
+                             None)
+                    vals.append("" if c is None else f"{fmt(c['rmse'])} ({c.get('cpu_s') or 0:.0f} s)")
+                out.append(f"| {pn} | {so} | " + " | ".join(vals) + " |")
+        out.append("")
+    out += ["## MNIST-FD (bundled model, N = 1,000; seed sets 0 / 100000 / 200000 where run)", ""]
     if msum:
-        out += ["| NFE | best configuration (seed 0) | FD | mean (min-max) over seed sets | unipc_bh2 / leading | "
-                "baseline / best |", "|---|---|---|---|---|---|"]
+        out += ["| NFE | best (seed 0) | FD | best by 3-set mean | mean (min-max) | best pre-issue (seed 0) | FD | "
+                "unipc_bh2 / leading (3-set mean) | leading / best (seed 0) | leading / best (3-set means) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in msum:
-            b, base = r["best"], r["baseline"]
-            out.append(f"| {r['nfe']} | {b['config']} | {fmt(b['seed0'])} | {fmt(b['mean'])} ({fmt(b['lo'])}-"
-                       f"{fmt(b['hi'])}, {b['sets']} sets) | {fmt(base['seed0']) if base else '-'} | "
-                       f"{fmt(r['ratio'])} |")
+            b, base, b3, bb = r["best"], r["baseline"], r["best3"], r["best_before"]
+            out.append(f"| {r['nfe']} | {b['config']} | {fmt(b['seed0'])} | {b3['config'] if b3 else '-'} | "
+                       + (f"{fmt(b3['mean'])} ({fmt(b3['lo'])}-{fmt(b3['hi'])}) | " if b3 else "- | ")
+                       + f"{bb['config'] if bb else '-'} | {fmt(bb['seed0']) if bb else '-'} | "
+                       + (f"{fmt(base['seed0'])} ({fmt(base['mean'])}) | " if base else "- | ")
+                       + f"{fmt(r['ratio'])} | {fmt(r['ratio3'])} |")
         out += ["", "All N = 1,000 configurations (seed set 0; mean over the seed sets run in parentheses):", "",
                 "| configuration | " + " | ".join(f"NFE {n}" for n in MNIST_NFES) + " |",
                 "|---|" + "---|" * len(MNIST_NFES)]
@@ -333,7 +576,9 @@ def report(args, log) -> None:
             for s in scheds:
                 c = next((c for c in screen if c["solver"] == solver and c["schedule"] == s), None)
                 row.append("" if c is None else fmt(c["mnist_fd"]))
-            out.append(f"| {solver} | " + " | ".join(row) + " |")
+            if any(row):
+                out.append(f"| {solver} | " + " | ".join(row) + " |")
+    out += ["", SIZING_NOTE]
     out += ["", "## GMM: every configuration", ""]
     for p in PROBLEMS:
         here = [c for c in gmm_cells if c["problem"] == p]
@@ -351,11 +596,11 @@ def report(args, log) -> None:
             out.append(f"| {key[0]} / {key[1]} | " + " | ".join(vals) + " |")
         out.append("")
     (args.out / "breadth.md").write_text("\n".join(out) + "\n")
-    figure(args, gsum, msum)
-    log("\n".join(out[:60]))
+    figure(args, gsum, gsum_opt, msum)
+    log("\n".join(out[:80]))
 
 
-def figure(args, gsum, msum) -> None:
+def figure(args, gsum, gsum_opt, msum) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -365,7 +610,9 @@ def figure(args, gsum, msum) -> None:
     for ax, p in zip(axes[:2], PROBLEMS):
         rows = [r for r in gsum if r["problem"] == p]
         if rows:
-            ax.semilogy([r["nfe"] for r in rows], [r["best_rmse"] for r in rows], "o-", label="best now")
+            ax.semilogy([r["nfe"] for r in rows], [r["best_rmse"] for r in rows], "o-", label="best now (built-in)")
+            opt = [r for r in gsum_opt if r["problem"] == p]
+            ax.semilogy([r["nfe"] for r in opt], [r["best_rmse"] for r in opt], "^:", label="best now incl. optimised")
             ax.semilogy([r["nfe"] for r in rows], [r["before_rmse"] for r in rows], "s--", label="best before issue 17")
         ax.set_title(f"GMM {p}: best trajectory RMSE")
         ax.set_xlabel("NFE")
@@ -373,6 +620,9 @@ def figure(args, gsum, msum) -> None:
     ax = axes[2]
     if msum:
         ax.semilogy([r["nfe"] for r in msum], [r["best"]["seed0"] for r in msum], "o-", label="best now (seed 0)")
+        bb = [(r["nfe"], r["best_before"]["seed0"]) for r in msum if r["best_before"]]
+        if bb:
+            ax.semilogy(*zip(*bb), "d:", label="best pre-issue (seed 0)")
         base = [(r["nfe"], r["baseline"]["seed0"]) for r in msum if r["baseline"]]
         if base:
             ax.semilogy(*zip(*base), "s--", label="unipc_bh2 / leading")
@@ -386,7 +636,8 @@ def figure(args, gsum, msum) -> None:
 # ---- main --------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--phase", default="all", choices=["gmm", "screen", "full", "seeds", "report", "all"])
+    ap.add_argument("--phase", default="all",
+                    choices=["gmm", "gmm_opt", "screen", "full", "seeds", "sweep", "report", "all"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/breadth_bench"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--ref-cache", type=Path, default=Path("/tmp/breadth_bench/refs"))
@@ -394,9 +645,15 @@ def main() -> None:
     ap.add_argument("--screen-samples", type=int, default=250)
     ap.add_argument("--top", type=int, default=3, help="screened configurations taken to N = 1,000")
     ap.add_argument("--seed-top", type=int, default=2, help="best N = 1,000 configurations given more seed sets")
-    ap.add_argument("--seed-nfe", default="5", help="NFE values of the seeds phase, comma-separated")
-    ap.add_argument("--full-nfe", default="4,5,6,8,10", help="NFE values of the full phase, comma-separated")
+    ap.add_argument("--seed-nfe", default="5,4,6,8,10", help="NFE values of the seeds phase, comma-separated")
+    ap.add_argument("--full-nfe", default="5,4,6,8,10", help="NFE values of the full phase, comma-separated")
     ap.add_argument("--screen-solvers", default=",".join(MNIST_SOLVERS))
+    ap.add_argument("--per-solver", type=int, default=2, help="sweep: best screened schedules per solver")
+    ap.add_argument("--ref-nfe", type=int, default=5, help="sweep: the NFE every per-solver configuration runs at")
+    ap.add_argument("--narrow-nfe", default="4,6", help="sweep: NFE values run for each solver's best at --ref-nfe")
+    ap.add_argument("--best-only-nfe", default="8,10",
+                    help="sweep: NFE values run for the narrow set's configurations within --within x the best")
+    ap.add_argument("--within", type=float, default=1.5, help="sweep: see --best-only-nfe")
     ap.add_argument("--batch-size", type=int, default=500)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -410,11 +667,15 @@ def main() -> None:
         logf.flush()
 
     torch.set_num_threads(1)
-    phases = ["gmm", "screen", "full", "seeds", "report"] if args.phase == "all" else [args.phase]
+    phases = ["gmm", "gmm_opt", "screen", "sweep", "report"] if args.phase == "all" else [args.phase]
     for phase in phases:
         log(f"== phase {phase} ({datetime.now(timezone.utc).isoformat(timespec='seconds')})")
         if phase == "gmm":
             phase_gmm(args, log)
+        elif phase == "gmm_opt":
+            phase_gmm_opt(args, log)
+        elif phase == "sweep":
+            sweep(args, log)
         elif phase == "screen":
             solvers = [s for s in args.screen_solvers.split(",") if s]
             run_mnist([(s, sch, 5, 0, args.screen_samples) for s in solvers
@@ -424,8 +685,8 @@ def main() -> None:
             run_mnist([(s, sch, n, 0, 1000) for n in nfes for s, sch in full_configs(args)], args, log)
         elif phase == "seeds":
             nfes = [int(v) for v in args.seed_nfe.split(",") if v]
-            run_mnist([(s, sch, n, seed, 1000) for s, sch in seed_configs(args) for n in nfes for seed in SEED_SETS[1:]],
-                      args, log)
+            run_mnist([(s, sch, n, seed, 1000) for s, sch in seed_configs(args) for n in nfes
+                       for seed in SEED_SETS[1:]], args, log)
         else:
             report(args, log)
 
