@@ -348,18 +348,19 @@ class LogSigmaParams:
             return t_rest
         return torch.cat([torch.tensor([float(self.ns.t_max)], dtype=torch.float64), t_rest])
 
-    def theta(self, t_eval: Tensor, min_start_gap: float = 0.02) -> np.ndarray:
+    def theta(self, t_eval: Tensor, min_start_gap: float = 0.02, min_gap: float = 0.02) -> np.ndarray:
         """The parameters of a grid (inverse of :meth:`times` up to clipping). Fixed start: the grid
-        starts at ``t_max``. Free start: a first gap below ``min_start_gap`` of the range is
-        raised to it, so that the optimiser can move ``t_0`` (one softmax weight near 0 would
-        stay there)."""
+        starts at ``t_max``. Every gap is raised to at least ``min_gap`` of the range (the first one,
+        with a free start, to ``min_start_gap``): a grid touching an end of the range (``t_0 =
+        t_max``, or a last time at ``t_min`` as ``exponential`` has) would otherwise give a softmax
+        weight near 0 that unit simplex steps in ``theta`` cannot move."""
         top, bottom = self.bounds
         t_all = torch.as_tensor(t_eval, dtype=torch.float64)
         t_free = t_all if self.free_start else t_all[1:]
         u = torch.log(self.ns.sigma_ve(t_free)).numpy() if t_free.numel() else np.zeros(0)
         u = np.clip(u, bottom, top)
         edges = np.concatenate([[top], u, [bottom]])
-        gaps = np.maximum(-np.diff(edges), 1e-6 * (top - bottom))
+        gaps = np.maximum(-np.diff(edges), min_gap * (top - bottom))
         if self.free_start:
             gaps[0] = max(gaps[0], min_start_gap * (top - bottom))
         return np.log(gaps / gaps.sum())

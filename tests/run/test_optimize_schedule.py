@@ -112,6 +112,20 @@ def test_a_free_first_time_beats_schedules_that_start_below_t_max():
     assert free.objective < free.objective_builtin["ddim_uniform"]
 
 
+def test_ld3_moves_a_last_time_that_starts_at_t_min():
+    """exponential ends at t_min (0 here): its last softmax weight is ~0, which unit simplex steps
+    could not move (the old parametrisation stayed at t = 2e-5, objective 0.022); the gap floor
+    lets the fit lift it (t ~ 4, 0.0155)."""
+    den = GMM.denoiser(NS)
+    teacher = exact_teacher(den, seeded_run(list(range(10**12, 10**12 + 96)), (2,))["noise"].double(),
+                            so.fine_grid(NS, 20))
+    init = STEP_SCHEDULES.create("exponential")(NS, 6)
+    assert float(init[-1]) == NS.t_min
+    t, f, _ = so.ld3_schedule(SOLVERS.create("unipc_bh2"), den, teacher, 6, init, max_evals=120)
+    assert float(t[0]) == 999.0 and float(t[-1]) > 1.0
+    assert f < 0.8 * 0.022 and f < 0.5 * so.endpoint_rmse(SOLVERS.create("unipc_bh2"), den, teacher, init)
+
+
 def test_ld3_with_a_fixed_first_time_refuses_a_start_below_t_max():
     teacher = exact_teacher(GMM.denoiser(NS), seeded_run(list(range(8)), (2,))["noise"].double(), so.fine_grid(NS, 6))
     with pytest.raises(ValueError, match="must start at t_max = 999.0, got 801.0"):
