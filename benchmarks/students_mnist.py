@@ -44,6 +44,24 @@ TEACHER_NFE = (1, 2, 4, 8)
 REFERENCE = ("dpmpp_2m", "leading", 20)
 STUDENTS = {"mnist-pd-4": (1, 2, 4), "mnist-pd-2": (1, 2), "mnist-decoupled-2": (1, 2), "mnist-mfd-1": (1,)}
 ROOT = Path(__file__).resolve().parent.parent
+REAL_VS_REAL = 0.29
+"""MNIST-FD of 1,000 real train digits against the 1,000 held-out digits (model card): a floor for any
+sampler's FD at N = 1,000."""
+READING = (
+    "the students run `ddim` on their own grid. The teacher with its best known few-step samplers is strong "
+    "from NFE 4 on (`deis` on `ddim_uniform` at NFE 4, `unipc_bh2` on `csflow` at NFE 8 already matches its "
+    "20-step FD), so 'at least 5x better than the teacher at the same NFE' cannot hold at NFE 4 (it would need "
+    "an FD below the real-vs-real FD); at NFE 1 and 2 the teacher is poor and every student is far ahead. "
+    "Recipe history (FD of pd-4 / pd-2 / decoupled-2 / mfd-1 at own NFE, same harness): first recipe (batch 32, "
+    "200 steps per stage, no clamp, 5.8 CPU-minutes) 3.15 / 3.86 / 3.79 / 4.69; the shipped recipe (batch 64, "
+    "800 / 600 / 600 / 400 steps, 8-step stage distilling the teacher's 32-step DDIM with the clamp, whose own FD "
+    "is 0.97: a ceiling at the pd-4 target) is in the table above ({total} CPU-minutes). Tried and not shipped: "
+    "the 8-step stage learning stored DPM-Solver++(2M) 32-step teacher trajectories (teacher FD 0.73), EMA "
+    "0.995, 1000 / 800 / 800 steps: pd-4 2.00 (1.84-2.27), pd-2 2.78 (2.56-3.14), class accuracy 0.94 -- no "
+    "better (model card). "
+    "A student run at fewer steps than its own (mnist-pd-4 at 1 or 2) is poor: it was never trained for "
+    "those jumps.")
+"""The report's reading paragraph (what the recipe was; the numbers come from the cells)."""
 
 
 def key(row) -> tuple:
@@ -258,9 +276,13 @@ def report(args) -> None:
                        f"vs {ref['mean']:.2f} = {r:.2f}x", r <= limit)
     for name, s in summary.items():
         if s["teacher_over_student"]:
-            target(f"{name} at its own NFE {s['nfe']} at least 5x better than the teacher at NFE {s['nfe']}: "
+            need = s["teacher_same_nfe"]["fd"]["mean"] / 5
+            floor = (f"; 5x needs FD <= {need:.2f}, below real-vs-real at N = 1,000 ({REAL_VS_REAL}): not reachable"
+                     if need < REAL_VS_REAL else f"; 5x needs FD <= {need:.2f}")
+            target(f"{name} at its own NFE {s['nfe']} at least 5x better than the teacher at NFE {s['nfe']} "
+                   f"(best sampler, {s['teacher_same_nfe']['solver']} / {s['teacher_same_nfe']['schedule']}): "
                    f"teacher {s['teacher_same_nfe']['fd']['mean']:.2f} / student {s['fd']['mean']:.2f} = "
-                   f"{s['teacher_over_student']:.1f}x", s["teacher_over_student"] >= 5)
+                   f"{s['teacher_over_student']:.1f}x{floor}", s["teacher_over_student"] >= 5)
     if "mnist-pd-2" in summary and "mnist-decoupled-2" in summary:
         a, b = summary["mnist-decoupled-2"]["fd"], summary["mnist-pd-2"]["fd"]
         wins = sum(x < y for x, y in zip(a["values"], b["values"]))
@@ -269,21 +291,12 @@ def report(args) -> None:
                f"optimiser steps, batches and seeds: equal rows through the networks and equal teacher evaluations; "
                f"CPU time {cpu.get('mnist-decoupled-2')} vs {cpu.get('mnist-pd-2')} min, two half-size batches run "
                f"slower): FD {a['mean']:.2f} vs {b['mean']:.2f}, lower on {wins} of {len(a['values'])} seed sets "
-               f"(paired differences {diffs}: smaller than the spread between seed sets)", a["mean"] < b["mean"])
+               f"(paired differences decoupled - shared {diffs}; spread between seed sets "
+               f"{b['max'] - b['min']:.2f})", a["mean"] < b["mean"])
     total = distill.get("total_cpu_minutes")
     if total is not None:
         target(f"all students trained in <= 90 CPU-minutes on one core: {total} CPU-minutes", total <= 90)
-    lines += ["", "Reading: every student beats the teacher at its own NFE, by far at NFE 1 (the teacher's single "
-              "step from t = 999 is a blurred mean) and by 6-7x at NFE 2; at NFE 4 the teacher with "
-              "DPM-Solver++(2M) on the csflow schedule is already good (FD ~2.3), and mnist-pd-4 is only somewhat "
-              "better. None of the students reaches the FD targets relative to the teacher's 20-step FD. This run "
-              "uses the second recipe (batch 64, 800 / 600 / 600 / 400 optimiser steps, teacher `denoised` "
-              f"clamped to [-1, 1] inside the targets, {total} CPU-minutes); the first recipe (batch 32, 200 steps "
-              "per stage, no clamp, 5.8 CPU-minutes) gave FD 3.15 / 3.86 / 3.79 / 4.69 for pd-4 / pd-2 / "
-              "decoupled-2 / mfd-1. The step-decoupled 2-step student is no better than the shared-weight one at "
-              "equal cost here: each of its networks sees half the rows, and both start from the same mnist-pd-4. "
-              "A student run at fewer steps than its own (mnist-pd-4 at 1 or 2) is poor: it was never trained "
-              "for those jumps."]
+    lines += ["", "Reading: " + READING.format(total=total)]
     lines += ["", "Training CPU-minutes per stage (process CPU time, one thread): "
               + ", ".join(f"{k} {v}" for k, v in cpu.items()) + f"; total {total}.", ""]
     if args.grids:
