@@ -155,11 +155,13 @@ def marginal_summary(m: dict) -> str:
                    "model_index.json; safetensors only).")
 @click.option("--solver", default=None, callback=registry_spec("solvers"),
               help="Solver spec NAME[:key=value,...] (see `diffsample list solvers`). Default: the model's "
-                   "(dpmpp_2m; ddim for a distilled student; `diffsample list models`).")
+                   "(dpmpp_2m; ddim for a distilled student; `diffsample list models`), or an optimised "
+                   "schedule file's solver.")
 @click.option("--schedule", default=None, callback=registry_spec("schedules"),
               help="Step schedule spec NAME[:key=value,...]. Default: the model's (trailing).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Grid intervals. Default: the model's (20; a distilled student's own step count).")
+              help="Grid intervals. Default: the model's (20; a distilled student's own step count), or an "
+                   "optimised schedule file's step count.")
 @click.option("--final", type=click.Choice(["zero", "last"]), default="zero", show_default=True,
               help="Denoise to sigma=0 on the last step, or stop at the last grid point.")
 @click.option("--guidance", multiple=True, callback=registry_spec("guidance"), metavar="NAME[:k=v,...]",

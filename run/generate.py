@@ -18,7 +18,7 @@ from diffsample.guidance.composition import compose
 from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.guidance.term import Denoiser, Guidance
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
-from diffsample.solvers.schedule_file import ScheduleMismatch
+from diffsample.solvers.schedule_file import OptimizedSchedule, ScheduleMismatch
 from diffsample.solvers.stop_time import StopTime, stop_options, stop_record
 
 from diffsample.run.record import GenerateResult, versions
@@ -46,6 +46,22 @@ def build_sampler(solver: str, schedule: str, steps: int, final: str = "zero", p
     step_schedule = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
     return Sampler(SOLVERS.create(solver), step_schedule, steps, final=final, progress=progress,
                    stop=stop, stop_return=stop_return)
+
+
+def file_schedule_defaults(schedule: "str | Spec | object", solver: "str | None",
+                           steps: "int | None") -> "tuple[str | None, int | None]":
+    """``(solver, steps)`` with the ones not given taken from an optimised schedule (``file:path=...``
+    or an :class:`~diffsample.solvers.schedule_file.OptimizedSchedule`): its solver and step count.
+    Any other schedule returns both unchanged; a bad spec is left for the normal checks to report."""
+    if solver is not None and steps is not None:
+        return solver, steps
+    try:
+        obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
+    except (ValueError, TypeError):
+        return solver, steps
+    if not isinstance(obj, OptimizedSchedule):
+        return solver, steps
+    return (obj.solver if solver is None else solver), (obj.steps if steps is None else steps)
 
 
 def schedule_for_model(schedule: "str | Spec", model: "str | LoadedModel | PipelineModel | None") -> "str | Spec":
@@ -206,6 +222,8 @@ def generate(model: str | LoadedModel | None = None, *, solver: str | None = Non
     # Typed once, before anything is loaded or drawn (diffsample.run.validate).
     num_samples, batch_size = check_count("num_samples", num_samples), check_count("batch_size", batch_size)
     own_solver, own_schedule, own_steps = model_defaults(model)
+    if schedule is not None:  # an optimised schedule file brings its own step count and solver as defaults
+        solver, steps = file_schedule_defaults(schedule, solver, steps)
     solver = own_solver if solver is None else solver
     schedule = own_schedule if schedule is None else schedule
     steps = own_steps if steps is None else steps

@@ -114,3 +114,17 @@ def test_the_mismatch_line_is_printed_once(schedule_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = "optimised for solver 'dpmpp_2m', used with 'unipc_bh2'"
     assert (proc.stdout + proc.stderr).count(line) == 1, proc.stdout + proc.stderr
+
+
+def test_generate_takes_steps_and_solver_from_the_file_when_not_given(schedule_file, tmp_path):
+    out, _ = schedule_file  # made for dpmpp_2m, 3 steps; the model's defaults are 20 steps
+    gen = tmp_path / "g"
+    result = run("generate", "--schedule", str(out), "--num-samples", "2", "--out", str(gen), "-q")
+    assert result.exit_code == 0, result.output
+    record = json.loads((gen / "run.json").read_text())
+    assert record["steps"] == 3 and record["nfe"] == 3 and record["solver"] == "dpmpp_2m"
+    assert "optimised for" not in result.output  # no mismatch: the file's own solver was used
+    # A step count given on the command line still wins, and is refused in one line when it does not fit.
+    result = run("generate", "--schedule", str(out), "--steps", "5", "--num-samples", "2", "--out",
+                 str(tmp_path / "h"), "-q")
+    assert result.exit_code == 2 and "run with steps=3" in result.output and not (tmp_path / "h").exists()
