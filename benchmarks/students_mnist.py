@@ -99,11 +99,14 @@ def run_cells(jobs, args) -> None:
     path = args.work / "cells.jsonl"
     done = read_cells(path)
     models = {}
+    tags: dict[str, str] = {}
     for model, solver, schedule, steps in jobs:
+        if model not in tags:
+            tags[model] = weights_tag(model)  # hashes the weight file once per model
         for seed in args.seeds:
             row = dict(model=model, solver=solver, schedule=schedule, steps=steps, seed=seed, num_samples=args.num_samples)
-            if weights_tag(model):
-                row["weights"] = weights_tag(model)
+            if tags[model]:
+                row["weights"] = tags[model]
             if key(row) in done:
                 continue
             if model not in models:

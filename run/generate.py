@@ -55,10 +55,12 @@ def file_schedule_defaults(schedule: "str | Spec | object", solver: "str | None"
     Any other schedule returns both unchanged; a bad spec is left for the normal checks to report."""
     if solver is not None and steps is not None:
         return solver, steps
-    try:
-        obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
-    except (ValueError, TypeError):
-        return solver, steps
+    obj = schedule
+    if isinstance(schedule, (str, Spec)):
+        try:  # only a file schedule is built here (reading its JSON); others are left to build_sampler
+            obj = STEP_SCHEDULES.create(schedule) if STEP_SCHEDULES.canonical(schedule) == "file" else None
+        except (ValueError, TypeError):
+            return solver, steps
     if not isinstance(obj, OptimizedSchedule):
         return solver, steps
     return (obj.solver if solver is None else solver), (obj.steps if steps is None else steps)

@@ -295,8 +295,7 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
                     t = schedule(ns, steps)
             except ValueError:
                 continue
-            at_max = abs(float(t[0]) - float(ns.t_max)) <= 1e-9 * max(1.0, abs(ns.t_max))
-            if (free_start or at_max) and math.isfinite(builtin[spec]):
+            if (free_start or so.starts_at_t_max(ns, t)) and math.isfinite(builtin[spec]):
                 starts[spec] = t
         fit = teacher if ld3_samples is None or ld3_samples >= num_samples else _subset(teacher, ld3_samples)
         scores = {k: so.endpoint_rmse(solver_obj, denoise, fit, t) for k, t in starts.items()}

@@ -366,6 +366,11 @@ class LogSigmaParams:
         return np.log(gaps / gaps.sum())
 
 
+def starts_at_t_max(ns: NoiseSchedule, t: Tensor) -> bool:
+    """Whether the grid ``t`` (noisiest first) starts at ``ns.t_max`` (relative tolerance 1e-9)."""
+    return abs(float(t[0]) - float(ns.t_max)) <= 1e-9 * max(1.0, abs(float(ns.t_max)))
+
+
 def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int, init: Tensor,
                  max_evals: int | None = None, progress: bool = False,
                  free_start: bool = False) -> tuple[Tensor, float, int]:
@@ -384,7 +389,7 @@ def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int,
     ns = teacher.noise_schedule
     init = torch.as_tensor(init, dtype=torch.float64)
     base = endpoint_rmse(solver, denoise, teacher, init)
-    at_max = abs(float(init[0]) - float(ns.t_max)) <= 1e-9 * max(1.0, abs(float(ns.t_max)))
+    at_max = starts_at_t_max(ns, init)
     if not free_start and not at_max:
         raise ValueError(f"with t_0 fixed the initial grid must start at t_max = {float(ns.t_max)}, got {float(init[0])}")
     # A grid starting at t_max is first refined with t_0 fixed (half the budget), then with t_0 free.

@@ -114,8 +114,9 @@ class Restart:
     def stochastic(self) -> bool:
         return self.s_noise > 0 and any(k > 0 for _, k, _, _ in self.segments)
 
-    def init(self, x: Tensor, grid: Grid) -> None:
-        return None
+    def init(self, x: Tensor, grid: Grid) -> dict[int, tuple[int, Grid]]:
+        """The state: :meth:`restart_points` of the run's grid, built once."""
+        return self.restart_points(grid)
 
     def restart_points(self, grid: Grid) -> dict[int, tuple[int, Grid]]:
         """Grid index -> the restart that runs on landing there: ``(K, Heun grid from s_max down to
@@ -150,14 +151,15 @@ class Restart:
         return _HEUN.nfe(grid) + sum(k * _HEUN.nfe(sub) for k, sub in self.restart_points(grid).values())
 
     def step(
-        self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: None, noise_fn: NoiseFn | None = None
-    ) -> tuple[Tensor, None]:
+        self, denoise: Denoise, x: Tensor, grid: Grid, i: int, state: dict[int, tuple[int, Grid]],
+        noise_fn: NoiseFn | None = None,
+    ) -> tuple[Tensor, dict[int, tuple[int, Grid]]]:
         if grid.alpha_list[i] == 0.0:
             denoised = call_denoise(denoise, x, grid.t_list[i])
             x_next = from_pure_noise(self, x, denoised, grid, i, 0.0, None)
         else:
             x_next, _ = _HEUN.step(denoise, x, grid, i, None)
-        run = self.restart_points(grid).get(i + 1)
+        run = state.get(i + 1)
         if run is not None:
             k, sub = run
             t_min, t_max = grid.t_list[i + 1], sub.t_list[0]
@@ -169,4 +171,4 @@ class Restart:
                 x_next = sample_substep(noise_fn, self, lift * x_next, std, grid, i, t_min, t_max)
                 for j in range(sub.steps):
                     x_next, _ = _HEUN.step(denoise, x_next, sub, j, None)
-        return x_next, None
+        return x_next, state
