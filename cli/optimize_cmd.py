@@ -58,6 +58,10 @@ def _check_out_file(out: Path, overwrite: bool) -> None:
               help="LD3 objective evaluations (default 40 x steps).")
 @click.option("--ld3-samples", type=click.IntRange(min=1), default=None,
               help="Calibration noises LD3 fits on (default: all).")
+@click.option("--pool", type=click.IntRange(min=2), default=None,
+              help="Draw this many noises (> --num-samples) and calibrate on a stratified set of --num-samples: the "
+                   "half the built-in schedules get most wrong plus a weighted uniform draw (for errors that a few "
+                   "noises dominate).")
 @click.option("--fixed-start", is_flag=True,
               help="LD3: keep the first time at t_max (default: LD3 may start lower, as leading / ddim_uniform do).")
 @click.option("--cfg-scale", type=FiniteFloat(min=0), default=None, help="CFG scale of the trajectories.")
@@ -66,7 +70,7 @@ def _check_out_file(out: Path, overwrite: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, teacher_substeps, max_evals, ld3_samples,
-                 fixed_start, cfg_scale, prompt, out, overwrite, quiet):
+                 pool, fixed_start, cfg_scale, prompt, out, overwrite, quiet):
     """Tune the N evaluation times of a solver for one model (GITS or LD3) and write them as JSON.
 
     \b
@@ -80,6 +84,12 @@ def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, te
         fail(f"unknown --method {method!r}; valid: {', '.join(METHOD_CHOICES)}")
     if fine_steps < steps:
         fail(f"--fine-steps ({fine_steps}) must be >= --steps ({steps})")
+    if pool is not None and pool <= num_samples:
+        fail(f"--pool ({pool}) must be larger than --num-samples ({num_samples})")
+    if pool is not None and num_samples < 2:
+        fail(f"--pool needs --num-samples >= 2, got {num_samples}")
+    if pool is not None and ld3_samples is not None and ld3_samples < num_samples:
+        fail(f"--ld3-samples ({ld3_samples}) cannot be combined with --pool (a stratified set is fitted whole)")
     from diffsample.solvers import SOLVERS
 
     if getattr(SOLVERS.create(solver), "stochastic", False):
@@ -91,11 +101,12 @@ def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, te
 
     command = "diffsample " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["optimize-schedule"] \
         else (f"diffsample optimize-schedule --model {shlex.quote(str(model))} --solver {shlex.quote(solver)} "
-              f"--steps {steps} --method {method} --num-samples {num_samples} --seed {seed} --out {shlex.quote(str(out))}")
+              f"--steps {steps} --method {method} --num-samples {num_samples} --seed {seed} --out {shlex.quote(str(out))}"
+              + (f" --pool {pool}" if pool is not None else ""))
     schedule = optimize_schedule(model, solver=solver, steps=steps, method=method, num_samples=num_samples, seed=seed,
                                  fine_steps=fine_steps, teacher_substeps=teacher_substeps, max_evals=max_evals,
                                  ld3_samples=ld3_samples, cfg_scale=cfg_scale, prompt=prompt, progress=not quiet,
-                                 command=command, free_start=not fixed_start)
+                                 command=command, free_start=not fixed_start, pool=pool)
     import json
 
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(schedule.to_dict(), indent=2) + "\n"))

@@ -27,7 +27,9 @@ teacher's endpoint from ``t_max``.
   ``t_0`` free.
 
 All errors are ``sqrt(mean((a - b)^2))`` over samples and dimensions, the GMM benchmark's trajectory
-RMSE. Only deterministic solvers can be tuned (a stochastic step has no teacher trajectory).
+RMSE; a teacher with per-sample ``weights`` (a stratified calibration set, :func:`stratify`) weights
+each sample's mean square. Only deterministic solvers can be tuned (a stochastic step has no teacher
+trajectory).
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ from diffsample.solvers.step_schedules import check_steps
 from diffsample.samplers.sampler import prior_scale
 
 
-def rms(a: Tensor, b: Tensor) -> float:
-    """``sqrt(mean((a - b)^2))`` over every element (float64 arithmetic)."""
-    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+def rms(a: Tensor, b: Tensor, weights: Tensor | None = None) -> float:
+    """``sqrt(mean((a - b)^2))`` over every element (float64 arithmetic); with ``weights`` (shape
+    ``(B,)``, ``B = a.shape[0]``) the per-sample mean squares are averaged with those weights."""
+    sq = (a.double() - b.double()) ** 2
+    if weights is None:
+        return float(sq.mean().sqrt())
+    per_sample = sq.reshape(sq.shape[0], -1).mean(1)
+    w = weights.double()
+    return float(((per_sample * w).sum() / w.sum()).sqrt())
 
 
 def check_deterministic(solver: Solver) -> Solver:
@@ -100,6 +108,9 @@ class Teacher:
         noise_schedule: the process.
         model_evals: denoiser calls per sample the teacher took.
         seconds: CPU seconds (process time) it took.
+        weights: ``(B,)`` per-sample weights of every error against this teacher (``None``: equal);
+            a stratified calibration set (:func:`stratify`) weights each sample by the share of the
+            pool it stands for.
     """
 
     t: Tensor
@@ -109,6 +120,7 @@ class Teacher:
     noise_schedule: NoiseSchedule
     model_evals: int = 0
     seconds: float = 0.0
+    weights: Tensor | None = None
 
     @property
     def points(self) -> int:
@@ -139,10 +151,7 @@ def solver_teacher(denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_fine: T
     start = time.process_time()
     substeps = check_steps(substeps)
     t_fine = torch.as_tensor(t_fine, dtype=torch.float64)
-    parts = [torch.linspace(float(a), float(b), substeps + 1, dtype=torch.float64)[:-1]
-             for a, b in zip(t_fine[:-1], t_fine[1:])]
-    t_sub = torch.cat(parts + [t_fine[-1:]])
-    grid = _eval_grid(ns, t_sub)
+    grid = _eval_grid(ns, substep_times(t_fine, substeps))
     x = noise * prior_scale(grid)
     states, outs = [], []
     record = set(range(0, grid.steps, substeps))
@@ -170,6 +179,15 @@ def solver_teacher(denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_fine: T
                    model_evals=calls[0], seconds=time.process_time() - start)
 
 
+def substep_times(t_fine: Tensor, substeps: int) -> Tensor:
+    """``t_fine`` with each interval split into ``substeps`` equal parts in ``t``: shape
+    ``((m - 1) * substeps + 1,)``, float64, noisiest first."""
+    t_fine = torch.as_tensor(t_fine, dtype=torch.float64)
+    parts = [torch.linspace(float(a), float(b), check_steps(substeps) + 1, dtype=torch.float64)[:-1]
+             for a, b in zip(t_fine[:-1], t_fine[1:])]
+    return torch.cat(parts + [t_fine[-1:]])
+
+
 def run_solver(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_eval: Tensor) -> Tensor:
     """The solver's endpoint from ``noise`` on the grid ``t_eval`` + ``sigma = 0`` (as the sampler
     runs it: ``x = noise * prior scale``, one ``solver.step`` per interval)."""
@@ -183,8 +201,10 @@ def run_solver(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tenso
 
 
 def endpoint_rmse(solver: Solver, denoise: Denoise, teacher: Teacher, t_eval: Tensor) -> float:
-    """RMS distance between the solver's endpoint on ``t_eval`` and the teacher's endpoint."""
-    return rms(run_solver(solver, denoise, teacher.noise_schedule, teacher.noise, t_eval), teacher.endpoint)
+    """RMS distance between the solver's endpoint on ``t_eval`` and the teacher's endpoint (weighted
+    by ``teacher.weights`` where it has them)."""
+    return rms(run_solver(solver, denoise, teacher.noise_schedule, teacher.noise, t_eval), teacher.endpoint,
+               teacher.weights)
 
 
 def local_costs(solver: Solver, teacher: Teacher, denoise: Denoise | None = None,
@@ -229,7 +249,7 @@ def local_costs(solver: Solver, teacher: Teacher, denoise: Denoise | None = None
             # First steps t_0 -> t_i.
             g = grid_of([0] if i == p - 1 else [0, i])
             x1, _ = solver.step(lookup(0), xs[0], g, 0, solver.init(xs[0], g))
-            first[i] = rms(x1, xs[i])
+            first[i] = rms(x1, xs[i], teacher.weights)
         for k, i in pairs:
             bar.update()
             if i == p - 1:
@@ -239,7 +259,7 @@ def local_costs(solver: Solver, teacher: Teacher, denoise: Denoise | None = None
             for j in range(i + 1, p):
                 gj = grid_of([k, i] if j == p - 1 else [k, i, j])
                 xj, _ = solver.step(lookup(i), xs[i], gj, 1, state)
-                cost[k, i, j] = rms(xj, xs[j])
+                cost[k, i, j] = rms(xj, xs[j], teacher.weights)
     bar.close()
     return first, cost
 
@@ -431,6 +451,58 @@ def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int,
             theta, scale = params.theta(best["t"]), scale / 2
     bar.close()
     return best["t"], best["f"], evals[0]
+
+
+def sample_errors(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tensor, endpoint: Tensor,
+                  t_eval: Tensor) -> Tensor:
+    """Per-sample RMS distance ``sqrt(mean_d (x - endpoint)^2)`` of the solver's endpoints on
+    ``t_eval`` from ``endpoint``. Shape ``(B,)``, float64."""
+    x = run_solver(solver, denoise, ns, noise, t_eval)
+    return ((x.double() - endpoint.double()) ** 2).reshape(x.shape[0], -1).mean(1).sqrt()
+
+
+def stratify(errors: Tensor, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """A stratified calibration set of ``num_samples`` noises out of a pool of ``P``, for objectives
+    that a few samples dominate (e.g. the rare noises that a coarse grid sends into another mixture
+    component: with ``P`` plain calibration noises such an objective varies from set to set and a
+    fitted grid over-fits the set).
+
+    Stratum 1 is the ``k = num_samples // 2`` pool samples with the largest score ``max_g
+    errors[g, i] / median_i(errors[g])`` (the probe grids' per-sample errors), taken whole with
+    weight 1; stratum 2 is ``m = num_samples - k`` samples drawn uniformly without replacement from
+    the other ``P - k``, each with weight ``(P - k) / m``. The strata are fixed before any grid is
+    fitted, so the weighted mean square of any grid over the set is an unbiased estimate of its mean
+    square over the pool (stratified sampling: Cochran, *Sampling Techniques*, 3rd ed., ch. 5).
+
+    Args:
+        errors: ``(G, P)`` per-sample errors of ``G >= 1`` probe grids on the pool
+            (:func:`sample_errors`); non-finite entries count as the largest.
+        num_samples: the set's size, ``2 <= num_samples < P``.
+        generator: for stratum 2's draw.
+
+    Returns:
+        ``(index, weights)``: pool indices (stratum 1 first) and float64 weights, both ``(num_samples,)``.
+
+    Raises:
+        ValueError: ``errors`` not 2-D, or ``num_samples`` outside ``[2, P)``.
+    """
+    if errors.dim() != 2 or errors.shape[0] < 1:
+        raise ValueError(f"errors must have shape (probe grids, pool), got {tuple(errors.shape)}")
+    pool = errors.shape[1]
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or not 2 <= num_samples < pool:
+        raise ValueError(f"a stratified set needs 2 <= num_samples < pool ({pool}), got {num_samples!r}")
+    e = torch.nan_to_num(errors.double(), nan=float("inf"))
+    med = e.median(dim=1, keepdim=True).values.clamp_min(torch.finfo(torch.float64).tiny)
+    score = (e / med).max(dim=0).values
+    order = torch.argsort(score, descending=True, stable=True)
+    k = num_samples // 2
+    m = num_samples - k
+    rest = order[k:]
+    drawn = rest[torch.randperm(rest.numel(), generator=generator)[:m]]
+    index = torch.cat([order[:k], drawn])
+    weights = torch.cat([torch.ones(k, dtype=torch.float64),
+                         torch.full((m,), (pool - k) / m, dtype=torch.float64)])
+    return index, weights
 
 
 def builtin_objectives(solver: Solver, denoise: Denoise, teacher: Teacher,

@@ -64,6 +64,7 @@ def test_a_file_for_another_solver_warns_and_names_the_mismatch(schedule_file, t
     (["--steps", "3", "--method", "ays"], "unknown --method 'ays'; valid: gits, ld3"),
     (["--steps", "3", "--solver", "euler_ancestral"], "stochastic"),
     (["--steps", "3", "--solver", "nope"], "unknown solver 'nope'"),
+    (["--steps", "3", "--pool", "4"], "--pool (4) must be larger than --num-samples"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, match):
     out = tmp_path / "s.json"
