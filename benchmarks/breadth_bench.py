@@ -364,16 +364,23 @@ def big_table(rows: list[dict]) -> list[str]:
     def val(c):
         return "-" if c is None else f"{fmt(c['rmse'])} ({c['flips']})"
 
-    out = ["| problem | NFE | best pre-issue | RMSE (flips) | best new built-in | RMSE (flips) | best optimised | "
-           "RMSE (flips) | before / now | >= 1.2x |", "|---|---|---|---|---|---|---|---|---|---|"]
+    return ratio_table("| problem | NFE | best pre-issue | RMSE (flips) | best new built-in | RMSE (flips) | "
+                       "best optimised | RMSE (flips) |", rows,
+                       lambda r: f"{cfg(r['before'])} | {val(r['before'])} | {cfg(r['builtin'])} | "
+                                 f"{val(r['builtin'])} | {cfg(r['optimised'])} | {val(r['optimised'])}",
+                       "cells of this set")
+
+
+def ratio_table(head: str, rows: list[dict], middle, cells_word: str) -> list[str]:
+    """A markdown table ``head + before / now + >= 1.2x`` (``middle(row)`` fills the columns between the
+    problem / NFE and the ratio) and the count of cells that meet the 1.2x target."""
+    out = [head + " before / now | >= 1.2x |", "|---" * (head.count("|") + 1) + "|"]
     for r in rows:
         ok = r["ratio"] is not None and r["ratio"] >= 1.2
-        out.append(f"| {r['problem']} | {r['nfe']} | {cfg(r['before'])} | {val(r['before'])} | {cfg(r['builtin'])} | "
-                   f"{val(r['builtin'])} | {cfg(r['optimised'])} | {val(r['optimised'])} | {fmt(r['ratio'])} | "
-                   f"{'yes' if ok else 'no'} |")
+        out.append(f"| {r['problem']} | {r['nfe']} | {middle(r)} | {fmt(r['ratio'])} | {'yes' if ok else 'no'} |")
     met = sum(r["ratio"] is not None and r["ratio"] >= 1.2 for r in rows)
     return out + ["", f"Target (>= 1.2x over the best pre-issue configuration per NFE) met in {met} of {len(rows)} "
-                      "cells of this set."]
+                      f"{cells_word}."]
 
 
 def latest_opt_cells(work: Path) -> list[dict]:
@@ -585,16 +592,9 @@ def mnist_summary(cells: list[dict]) -> list[dict]:
 
 
 def gmm_ratio_table(rows: list[dict]) -> list[str]:
-    out = ["| problem | NFE | best now | t_0 | RMSE | best before | t_0 | RMSE | before / now | >= 1.2x |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ok = r["ratio"] is not None and r["ratio"] >= 1.2
-        out.append(f"| {r['problem']} | {r['nfe']} | {r['best']} | {r['best_t0']:.0f} | {fmt(r['best_rmse'])} | "
-                   f"{r['before']} | {r['before_t0']:.0f} | {fmt(r['before_rmse'])} | {fmt(r['ratio'])} | "
-                   f"{'yes' if ok else 'no'} |")
-    met = sum(r["ratio"] is not None and r["ratio"] >= 1.2 for r in rows)
-    return out + ["", f"Target (>= 1.2x over the best pre-issue configuration per NFE) met in {met} of {len(rows)} "
-                      "cells."]
+    return ratio_table("| problem | NFE | best now | t_0 | RMSE | best before | t_0 | RMSE |", rows,
+                       lambda r: f"{r['best']} | {r['best_t0']:.0f} | {fmt(r['best_rmse'])} | {r['before']} | "
+                                 f"{r['before_t0']:.0f} | {fmt(r['before_rmse'])}", "cells")
 
 
 def report(args, log) -> None:
@@ -675,8 +675,8 @@ def report(args, log) -> None:
     if opt_cells:
         versions_ = sorted({c["optimizer_version"] for c in opt_cells})
         out += [f"Optimised rows (RMSE on the evaluation noises; optimiser content hash {', '.join(versions_)}; "
-                "CPU-s per schedule; plain rows exclude the shared teacher, pool rows include the pool's endpoints "
-                "and probes, the first row of a process also the pool teacher):", "",
+                "CPU-s per schedule; plain rows exclude the shared teacher; pool rows include the probes and the "
+                "teacher of the chosen noises, the first pool row of a process also the pool's endpoints):", "",
                 "| problem | solver / schedule | " + " | ".join(f"NFE {n}" for n in GMM_NFES) + " |",
                 "|---|---|" + "---|" * len(GMM_NFES)]
         for pn in PROBLEMS:
