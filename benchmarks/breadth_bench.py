@@ -108,9 +108,13 @@ three seed sets. On a shared 2-core CPU (~70 CPU-minutes for MNIST) that was siz
 5. Seed sets 100000 and 200000: at NFE 5 the three best configurations of seed set 0 plus `unipc_bh2 / leading`;
    at NFE 4, 6, 8 and 10 the two best plus `unipc_bh2 / leading`.
 
-Not run: the second schedule of each solver at NFE 4-10; schedules outside the six above for 16 of the 17 solvers;
-three seed sets for any configuration outside step 5 (the best-by-seed-0 choice favours configurations that were
-lucky on seed set 0; the 3-set means are the numbers to quote); the stochastic solvers (no convergence order).
+6. Completed in a later round (the `--narrow-nfe '' --best-only-nfe '' --seed-top 100` sweep lines): every
+   configuration of step 2 (35: each solver x its two best screened schedules, plus the baselines) at NFE 4, 5, 6,
+   8 and 10 on all three seed sets, 525 cells.
+
+Not run: schedules outside the six above for 16 of the 17 solvers; the stochastic solvers (no convergence order).
+The best-by-seed-0 choice favours configurations that were lucky on seed set 0; the 3-set means are the numbers to
+quote.
 
 `uni_pc_bh2` against `unipc_bh2` (and `uni_pc` against `unipc_bh1`): the same algorithm with predictor order 3
 instead of 2. With `lower_order_final` (the default, diffusers' rule) step `i` of `N` uses order
