@@ -154,6 +154,13 @@ def _batched(guided: Any, cond_for: Callable[[int], Any]) -> Callable[[Tensor, T
     return denoise
 
 
+def _exact_start(ns: Any, noise: Tensor, t0: float) -> Tensor:
+    """The mixture's initial state at ``t0``: the standard-normal ``noise`` times the prior scale
+    ``sqrt(alpha^2 + sigma^2)`` (float64)."""
+    t = torch.tensor([t0], dtype=torch.float64)
+    return noise.double() * math.hypot(float(ns.alpha(t)), float(ns.sigma(t)))
+
+
 def exact_teacher(den: GMMDenoiser, noise: Tensor, t_fine: Tensor, tol: float = 1e-9) -> so.Teacher:
     """Teacher trajectories of the exact Gaussian mixture: its probability-flow ODE solved by scipy
     (DOP853, ``rtol = atol = tol``) from ``t_max`` through every fine time, then to ``sigma = 0``
@@ -161,8 +168,7 @@ def exact_teacher(den: GMMDenoiser, noise: Tensor, t_fine: Tensor, tol: float = 
     start = time.process_time()
     ns, gmm = den.noise_schedule, den.gmm
     t_fine = torch.as_tensor(t_fine, dtype=torch.float64)
-    t0 = torch.tensor([float(t_fine[0])], dtype=torch.float64)
-    x = noise.double() * math.hypot(float(ns.alpha(t0)), float(ns.sigma(t0)))
+    x = _exact_start(ns, noise, float(t_fine[0]))
     states = [x]
     for a, b in zip(t_fine[:-1].tolist(), t_fine[1:].tolist()):
         x = gmm.reference_ode(x, ns, a, b, rtol=tol, atol=tol)
@@ -191,8 +197,7 @@ def _pool_endpoints(target: _Target, fine_steps: int, teacher_substeps: int, pro
     """The teacher's endpoints only (no trajectories) on every noise of ``target``."""
     ns = target.noise_schedule
     if target.exact is not None:
-        t0 = torch.tensor([float(ns.t_max)], dtype=torch.float64)
-        x = target.noise.double() * math.hypot(float(ns.alpha(t0)), float(ns.sigma(t0)))  # as exact_teacher
+        x = _exact_start(ns, target.noise, float(ns.t_max))
         return target.exact.gmm.reference_ode(x, ns, float(ns.t_max), None, rtol=1e-9, atol=1e-9)
     t_sub = so.substep_times(so.fine_grid(ns, fine_steps), teacher_substeps)
     return so.run_solver(SOLVERS.create(TEACHER_SOLVER), target.denoise, ns, target.noise, t_sub)
@@ -213,14 +218,8 @@ def stratified_teacher(target: _Target, solver: Any, steps: int, num_samples: in
         _POOL.clear()
         _POOL[k] = _pool_endpoints(target, fine_steps, teacher_substeps, progress)
     endpoints = _POOL[k]
-    probes = {}
-    for spec, schedule in builtins.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                probes[spec] = so.sample_errors(solver, target.denoise, ns, target.noise, endpoints, schedule(ns, steps))
-        except ValueError:
-            continue
+    probes = {spec: so.sample_errors(solver, target.denoise, ns, target.noise, endpoints, t)
+              for spec, t in so.builtin_grids(builtins, ns, steps).items()}
     if not probes:
         raise ValueError("no built-in schedule gives a grid for this model's noise schedule; cannot stratify a pool")
     index, weights = so.stratify(torch.stack(list(probes.values())), num_samples,
@@ -350,10 +349,10 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
     cpu0, wall0 = time.process_time(), time.perf_counter()
     target = _resolve(model, pool if pool is not None else num_samples, seed, device, prompt, cfg_scale)
     ns = target.noise_schedule
+    builtins = builtin_schedules(ns, target.bundled)
     pool_record: dict[str, Any] = {}
     if pool is not None:
-        teacher, index, pool_record = stratified_teacher(target, solver_obj, steps, num_samples,
-                                                         builtin_schedules(ns, target.bundled), fine_steps,
+        teacher, index, pool_record = stratified_teacher(target, solver_obj, steps, num_samples, builtins, fine_steps,
                                                          teacher_substeps, progress, seed, (cfg_scale, prompt, device))
         target = target.subset(index)
     if teacher is None:
@@ -362,7 +361,6 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         raise ValueError(f"teacher has noises of shape {tuple(teacher.noise.shape)}, expected "
                          f"{tuple(target.noise.shape)}")
     denoise = target.denoise
-    builtins = builtin_schedules(ns, target.bundled)
     builtin = so.builtin_objectives(solver_obj, denoise, teacher, builtins, steps)
     t_gits, local = so.gits_schedule(solver_obj, teacher, steps, denoise, progress=progress,
                                      costs=_local_costs(solver_obj, solver_spec, teacher, denoise, progress))
@@ -375,13 +373,7 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         if not isinstance(free_start, bool):
             raise TypeError(f"free_start must be True or False, got {free_start!r}")
         starts = {"gits (dynamic program)": t_gits}
-        for spec, schedule in builtins.items():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    t = schedule(ns, steps)
-            except ValueError:
-                continue
+        for spec, t in so.builtin_grids(builtins, ns, steps).items():
             if (free_start or so.starts_at_t_max(ns, t)) and math.isfinite(builtin[spec]):
                 starts[spec] = t
         fit = teacher if ld3_samples is None or ld3_samples >= num_samples else _subset(teacher, ld3_samples)

@@ -50,15 +50,18 @@ from diffsample.solvers.step_schedules import check_steps
 from diffsample.samplers.sampler import prior_scale
 
 
+def per_sample_ms(a: Tensor, b: Tensor) -> Tensor:
+    """``mean_d (a - b)^2`` per sample (over every dimension but the first): shape ``(B,)``, float64."""
+    return ((a.double() - b.double()) ** 2).reshape(a.shape[0], -1).mean(1)
+
+
 def rms(a: Tensor, b: Tensor, weights: Tensor | None = None) -> float:
     """``sqrt(mean((a - b)^2))`` over every element (float64 arithmetic); with ``weights`` (shape
     ``(B,)``, ``B = a.shape[0]``) the per-sample mean squares are averaged with those weights."""
-    sq = (a.double() - b.double()) ** 2
     if weights is None:
-        return float(sq.mean().sqrt())
-    per_sample = sq.reshape(sq.shape[0], -1).mean(1)
+        return float(((a.double() - b.double()) ** 2).mean().sqrt())
     w = weights.double()
-    return float(((per_sample * w).sum() / w.sum()).sqrt())
+    return float(((per_sample_ms(a, b) * w).sum() / w.sum()).sqrt())
 
 
 def check_deterministic(solver: Solver) -> Solver:
@@ -457,8 +460,7 @@ def sample_errors(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Te
                   t_eval: Tensor) -> Tensor:
     """Per-sample RMS distance ``sqrt(mean_d (x - endpoint)^2)`` of the solver's endpoints on
     ``t_eval`` from ``endpoint``. Shape ``(B,)``, float64."""
-    x = run_solver(solver, denoise, ns, noise, t_eval)
-    return ((x.double() - endpoint.double()) ** 2).reshape(x.shape[0], -1).mean(1).sqrt()
+    return per_sample_ms(run_solver(solver, denoise, ns, noise, t_eval), endpoint).sqrt()
 
 
 def stratify(errors: Tensor, num_samples: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -505,19 +507,33 @@ def stratify(errors: Tensor, num_samples: int, generator: torch.Generator | None
     return index, weights
 
 
-def builtin_objectives(solver: Solver, denoise: Denoise, teacher: Teacher,
-                       schedules: dict[str, Callable[[NoiseSchedule, int], Tensor]], steps: int) -> dict[str, float]:
-    """Endpoint RMSE against the teacher of each named step schedule (``inf`` where it cannot
-    produce a grid for this noise schedule)."""
+def builtin_grids(schedules: dict[str, Callable[[NoiseSchedule, int], Tensor]], ns: NoiseSchedule,
+                  steps: int) -> dict[str, Tensor]:
+    """The ``steps``-point grid of each named step schedule under ``ns``; a schedule that cannot
+    produce one here (``ValueError``) is left out, and its warnings (e.g. csflow's note on its default
+    spectrum) are silenced."""
     import warnings
 
     out = {}
     for name, schedule in schedules.items():
         try:
-            with warnings.catch_warnings():  # e.g. csflow's note on its default spectrum
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t = schedule(teacher.noise_schedule, steps)
-            out[name] = endpoint_rmse(solver, denoise, teacher, t)
+                out[name] = schedule(ns, steps)
+        except ValueError:
+            continue
+    return out
+
+
+def builtin_objectives(solver: Solver, denoise: Denoise, teacher: Teacher,
+                       schedules: dict[str, Callable[[NoiseSchedule, int], Tensor]], steps: int) -> dict[str, float]:
+    """Endpoint RMSE against the teacher of each named step schedule (``inf`` where it cannot
+    produce a grid for this noise schedule)."""
+    grids = builtin_grids(schedules, teacher.noise_schedule, steps)
+    out = {}
+    for name in schedules:
+        try:
+            out[name] = endpoint_rmse(solver, denoise, teacher, grids[name]) if name in grids else float("inf")
         except ValueError:
             out[name] = float("inf")
     return out
