@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gmm_solvers import NOISE_SEEDS, PROBLEMS, SD_BETAS, References, rmse  # noqa: E402
+from gmm_solvers import NOISE_SEEDS, PROBLEMS, SD_BETAS, References, mode_flips, rmse  # noqa: E402
 
 from diffsample.samplers import Sampler  # noqa: E402
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES, DiscreteVP  # noqa: E402
@@ -331,8 +331,7 @@ def phase_gmm_big(args, log) -> None:
                 cell = dict(problem=pname, solver=c["solver"], schedule=c["schedule"], nfe_target=c["nfe_target"],
                             steps=c["steps"], before=c["before"], optimizer_version=c.get("optimizer_version"),
                             samples=args.big_samples, rmse_2048=c["rmse"], rmse=rmse(x, ref),
-                            flips=int((gmm.component_posterior(x).argmax(1)
-                                       != gmm.component_posterior(ref).argmax(1)).sum()))
+                            flips=mode_flips(gmm, x, ref))
                 fh.write(json.dumps(cell) + "\n")
                 fh.flush()
                 done.add(k)

@@ -111,6 +111,12 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
+def mode_flips(gmm: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> int:
+    """Samples whose most likely mixture component differs from the reference's: in 64-D a handful of
+    such "mode flips" (error ~ distance between means) dominates the RMSE."""
+    return int((gmm.component_posterior(x.double()).argmax(1) != gmm.component_posterior(ref).argmax(1)).sum())
+
+
 class References:
     """Reference PF-ODE endpoints (sigma = 0) per starting time ``t_0``, computed lazily and cached."""
 
@@ -287,10 +293,7 @@ def accuracy(args, log) -> tuple[list[dict], dict]:
                 ref = refs(meta["t0"])
                 finite = bool(torch.isfinite(x).all())
                 err = rmse(x, ref) if finite else float("nan")
-                # Samples whose most likely mixture component differs from the reference's: in 64-D a
-                # handful of such "mode flips" (error ~ distance between means) dominates the RMSE.
-                flips = int((gmm.component_posterior(x.double()).argmax(1)
-                             != gmm.component_posterior(ref).argmax(1)).sum()) if finite else None
+                flips = mode_flips(gmm, x, ref) if finite else None
                 error = None if math.isfinite(err) else "non-finite output"
             except Exception as exc:  # a diverging / failing configuration is a result, not a crash
                 x, meta, err, error = None, dict(steps=None, nfe=None, t0=None, wall_s=None), float("nan"), repr(exc)
