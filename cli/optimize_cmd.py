@@ -64,13 +64,18 @@ def _check_out_file(out: Path, overwrite: bool) -> None:
                    "noises dominate).")
 @click.option("--fixed-start", is_flag=True,
               help="LD3: keep the first time at t_max (default: LD3 may start lower, as leading / ddim_uniform do).")
+@click.option("--decoupled", is_flag=True,
+              help="LD3: also fit a model-evaluation time per grid point (LD3's decoupled times; the model is "
+                   "asked at t' when the solver steps at t). Not usable through attach.")
+@click.option("--decoupled-evals", type=click.IntRange(min=1), default=None,
+              help="Objective evaluations of the decoupled fit (default 80 x steps).")
 @click.option("--cfg-scale", type=FiniteFloat(min=0), default=None, help="CFG scale of the trajectories.")
 @click.option("--prompt", default="a photo", show_default=True, help="Calibration prompt (text-to-image pipelines).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The schedule file (JSON) to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, teacher_substeps, max_evals, ld3_samples,
-                 pool, fixed_start, cfg_scale, prompt, out, overwrite, quiet):
+                 pool, fixed_start, decoupled, decoupled_evals, cfg_scale, prompt, out, overwrite, quiet):
     """Tune the N evaluation times of a solver for one model (GITS or LD3) and write them as JSON.
 
     \b
@@ -84,6 +89,10 @@ def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, te
         fail(f"unknown --method {method!r}; valid: {', '.join(METHOD_CHOICES)}")
     if fine_steps < steps:
         fail(f"--fine-steps ({fine_steps}) must be >= --steps ({steps})")
+    if decoupled and method != "ld3":
+        fail(f"--decoupled needs --method ld3 (decoupled model times are fitted by LD3), got --method {method}")
+    if decoupled_evals is not None and not decoupled:
+        fail("--decoupled-evals needs --decoupled")
     if pool is not None and pool <= num_samples:
         fail(f"--pool ({pool}) must be larger than --num-samples ({num_samples})")
     if pool is not None and num_samples < 2:
@@ -102,11 +111,12 @@ def optimize_cmd(model, solver, steps, method, num_samples, seed, fine_steps, te
     command = "diffsample " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["optimize-schedule"] \
         else (f"diffsample optimize-schedule --model {shlex.quote(str(model))} --solver {shlex.quote(solver)} "
               f"--steps {steps} --method {method} --num-samples {num_samples} --seed {seed} --out {shlex.quote(str(out))}"
-              + (f" --pool {pool}" if pool is not None else ""))
+              + (f" --pool {pool}" if pool is not None else "") + (" --decoupled" if decoupled else ""))
     schedule = optimize_schedule(model, solver=solver, steps=steps, method=method, num_samples=num_samples, seed=seed,
                                  fine_steps=fine_steps, teacher_substeps=teacher_substeps, max_evals=max_evals,
                                  ld3_samples=ld3_samples, cfg_scale=cfg_scale, prompt=prompt, progress=not quiet,
-                                 command=command, free_start=not fixed_start, pool=pool)
+                                 command=command, free_start=not fixed_start, pool=pool, decoupled=decoupled,
+                                 decoupled_evals=decoupled_evals)
     import json
 
     atomic_write(out, lambda tmp: tmp.write_text(json.dumps(schedule.to_dict(), indent=2) + "\n"))

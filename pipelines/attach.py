@@ -32,7 +32,7 @@ from diffsample.solvers.stop_time import StopTime, check_stop_return
 
 from diffsample.pipelines.capture import NATIVE_LOOP_HINT, DenoiserCapture
 from diffsample.pipelines.resources import pipeline_resources
-from diffsample.pipelines.scheduler_shim import DiffSampleScheduler, needs_replay
+from diffsample.pipelines.scheduler_shim import DiffSampleScheduler, needs_replay, refuse_model_times
 
 DENOISER_COMPONENTS = ("unet", "transformer", "transformer_2", "prior")
 
@@ -102,6 +102,7 @@ def attach(pipe: Any, solver: str | Solver = "dpmpp_2m", schedule: str | Callabl
                   for g in guidance)
     labels = [str(g) if isinstance(g, (str, Spec)) else type(g).__name__ for g in guidance]
     schedule_obj = STEP_SCHEDULES.create(schedule) if isinstance(schedule, (str, Spec)) else schedule
+    refuse_model_times(schedule_obj)
     check_composition(terms, None, labels)
     hooks = term_hooks(terms, None)  # what the terms ask of the loop; nothing is evaluated
     several = [name for name in ("chains", "twist") if name in hooks.used()]

@@ -31,6 +31,7 @@ from diffsample.guidance.loop_hooks import collect_hooks
 from diffsample.samplers.sampler import SampleResult, Sampler
 from diffsample.samplers.stochastic_variant import switch_for_noise_terms
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES
+from diffsample.solvers.model_time import WithModelTimes
 from diffsample.solvers.solver import NoiseFn, Solver
 
 from diffsample.pipelines.pipeline_denoiser import PipelineDenoiser
@@ -149,12 +150,16 @@ def sample_pipeline(pipe: Any, prompt: str | list[str] | None = None, negative_p
         if noise.shape != drawn.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(drawn.shape)}")
         init = noise.to(device=drawn.device, dtype=drawn.dtype)
+    t_model = None
     if schedule is None:
         pg = grid_from_scheduler(pipe.scheduler, den.process, steps, **den.scheduler_kwargs(steps, init, height, width))
     else:
         step_schedule = STEP_SCHEDULES.create(schedule) if isinstance(schedule, str) else schedule
         pg = grid_from_schedule(step_schedule, den.process, steps)
+        t_model = getattr(step_schedule, "t_model", None)
     step_schedule, final = pg.step_schedule()
+    if t_model:  # an LD3 schedule with decoupled model times: they follow its grid into the fixed copy
+        step_schedule = WithModelTimes(step_schedule, tuple(pg.t.tolist()), tuple(t_model))
     sampler = Sampler(solver_obj, step_schedule, pg.steps, final=final, stop=stop, stop_return=stop_return)
     guided, applied = _guided(den, cfg_scale, guidance, sampler)
     if spec is not None:

@@ -448,6 +448,7 @@ class DiffSampleScheduler(SchedulerMixin, ConfigMixin):
         if schedule is None and self.config.schedule is not None:
             schedule = STEP_SCHEDULES.create(self.config.schedule)
         if schedule is not None:
+            refuse_model_times(schedule)
             steps = num_inference_steps or len(timesteps if timesteps is not None else sigmas or ())
             if not steps:
                 raise ValueError("set_timesteps needs num_inference_steps (>= 1)")
@@ -788,6 +789,19 @@ class _BranchDenoiser:
                 out.append(self._convert(xr, tr))
             self._raw = None
         return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def refuse_model_times(schedule: Any) -> None:
+    """Refuse a step schedule with decoupled model times (an LD3 schedule fitted with ``decoupled``):
+    a pipeline's own loop hands the network the scheduler's timesteps, so the shim cannot move them.
+
+    Raises:
+        ValueError: naming the schedule and the ways to run it.
+    """
+    if getattr(schedule, "t_model", None):
+        raise ValueError(f"schedule {schedule} evaluates the model at decoupled times (LD3 --decoupled), which a "
+                         "pipeline's own loop cannot do; " + NATIVE_LOOP_HINT + ", or fit the schedule without "
+                         "--decoupled")
 
 
 def needs_replay(solver: Solver, guidance: Sequence[Any], process: Process) -> bool:

@@ -273,7 +273,8 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
                       cfg_scale: float | None = None, prompt: str | None = "a photo", device: str = "cpu",
                       progress: bool = False, command: str | None = None,
                       teacher: so.Teacher | None = None, free_start: bool = True,
-                      pool: int | None = None) -> OptimizedSchedule:
+                      pool: int | None = None, decoupled: bool = False,
+                      decoupled_evals: int | None = None) -> OptimizedSchedule:
     """Tune the ``steps`` evaluation times of ``solver`` for ``model`` (GITS or LD3; module docstring).
 
     Args:
@@ -310,6 +311,12 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
             For models whose error a few noises dominate (on the 64-D Gaussian mixture, the one in
             a thousand that a grid sends to another component). Costs the teacher's endpoints and
             one run per built-in schedule on the pool. ``None``: ``num_samples`` plain noises.
+        decoupled: LD3 only: after the grid, fit it again together with a model-evaluation time per
+            grid point (LD3's decoupled times, as its official code does; the model is evaluated at
+            ``t_model[i]`` when the solver asks at ``t[i]``, each within half the grid's smallest
+            log-sigma gap; :func:`~diffsample.samplers.schedule_optimizer.ld3_decoupled`). The
+            schedule then carries ``t_model`` (file version 2); ``attach`` refuses such a schedule.
+        decoupled_evals: objective evaluations of that joint fit (default ``80 * steps``).
 
     Returns:
         an :class:`~diffsample.solvers.schedule_file.OptimizedSchedule` with the objective (endpoint
@@ -318,7 +325,8 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
 
     Raises:
         ValueError: ``steps < 1``, an unknown method or solver, a stochastic solver, bad counts, a
-            model that cannot be loaded; all before any model evaluation.
+            model that cannot be loaded, ``decoupled`` with ``method="gits"``; all before any model
+            evaluation.
     """
     try:
         steps = check_steps(steps)
@@ -333,6 +341,12 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         raise ValueError(f"fine_steps ({fine_steps}) must be >= steps ({steps})")
     if max_evals is not None:
         max_evals = _check_int("max_evals", max_evals, 1)
+    if not isinstance(decoupled, bool):
+        raise ValueError(f"decoupled must be True or False, got {decoupled!r}")
+    if decoupled and method != "ld3":
+        raise ValueError(f"decoupled model times are fitted by method 'ld3', not {method!r}")
+    if decoupled_evals is not None:
+        decoupled_evals = _check_int("decoupled_evals", decoupled_evals, 1)
     if ld3_samples is not None:
         ld3_samples = _check_int("ld3_samples", ld3_samples, 1)
     if pool is not None:
@@ -365,6 +379,7 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
     t_gits, local = so.gits_schedule(solver_obj, teacher, steps, denoise, progress=progress,
                                      costs=_local_costs(solver_obj, solver_spec, teacher, denoise, progress))
     record: dict[str, Any] = {"gits_local_cost": local}
+    t_model = None
     if method == "gits":
         t_opt = t_gits
     else:
@@ -382,12 +397,17 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         t_opt, _, evals = so.ld3_schedule(solver_obj, denoise, fit, steps, starts[init], max_evals, progress=progress,
                                           free_start=free_start)
         record.update(ld3_init=init, ld3_evals=evals, ld3_samples=fit.noise.shape[0], ld3_free_start=free_start)
-    objective = so.endpoint_rmse(solver_obj, denoise, teacher, t_opt)
+        if decoupled:
+            record["ld3_objective_coupled"] = so.endpoint_rmse(solver_obj, denoise, teacher, t_opt)
+            t_opt, t_model, _, evals = so.ld3_decoupled(solver_obj, denoise, fit, steps, t_opt, decoupled_evals,
+                                                        free_start=free_start, progress=progress)
+            record.update(ld3_decoupled_evals=evals)
+    objective = so.endpoint_rmse(solver_obj, denoise, teacher, t_opt, t_model)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if command is None:
         command = (f"diffsample.optimize_schedule({target.model_id!r}, solver={solver_spec!r}, steps={steps}, "
                    f"method={method!r}, num_samples={num_samples}, seed={seed}"
-                   + (f", pool={pool}" if pool is not None else "") + ")")
+                   + (f", pool={pool}" if pool is not None else "") + (", decoupled=True" if decoupled else "") + ")")
     extra = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
              "cpu_seconds": round(cpu, 3), "wall_seconds": round(wall, 3),
              "teacher": {"kind": "exact ODE (scipy DOP853)" if target.exact is not None else
@@ -397,7 +417,7 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
     return schedule_from_times(t_opt.tolist(), ns, model=target.model_id, solver=solver_spec, method=method,
                                objective=objective, objective_builtin=builtin,
                                calibration={"num_samples": num_samples, "seed": seed, **pool_record}, command=command,
-                               extra=extra)
+                               extra=extra, t_model=None if t_model is None else tuple(t_model.tolist()))
 
 
 _COSTS: dict[tuple[int, str], tuple[Any, Any]] = {}
@@ -426,5 +446,6 @@ def summary(schedule: OptimizedSchedule) -> str:
     cpu = schedule.extra.get("cpu_seconds")
     before = f"best built-in {best[0]} {best[1]:.4g} -> " if best else ""
     ratio = f" ({schedule.objective / best[1]:.2f}x)" if best and best[1] > 0 else ""
-    return (f"{schedule.method} {schedule.solver} steps={schedule.steps}: endpoint RMSE vs teacher {before}"
+    kind = f"{schedule.method} (decoupled model times)" if schedule.t_model is not None else schedule.method
+    return (f"{kind} {schedule.solver} steps={schedule.steps}: endpoint RMSE vs teacher {before}"
             f"{schedule.objective:.4g}{ratio}" + (f"; {cpu:.1f} CPU-s" if cpu is not None else ""))

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from diffsample.guidance.loop_hooks import RunHooks, collect_hooks
 from diffsample.guidance.term import Cond, Denoiser
 from diffsample.core.accounting import add_event, count_events, count_model_evals
+from diffsample.solvers.model_time import ModelTimeMap, model_time_map
 from diffsample.solvers.solver import Grid, NoiseFn, NoiseSchedule, Solver, call_denoise
 from diffsample.solvers.stop_time import StopTime, check_stop_return, stop_grid
 from diffsample.solvers.step_schedules import check_steps
@@ -76,6 +77,9 @@ class Sampler:
     Args:
         solver: a :class:`~diffsample.solvers.solver.Solver`.
         step_schedule: ``(noise_schedule, n) -> t`` (see :mod:`diffsample.solvers.step_schedules`).
+            A schedule with decoupled model times (``t_model``: an LD3 schedule fitted with
+            ``decoupled=True``) has the model evaluated at ``t_model[i]`` when the solver asks at
+            grid point ``i`` (:mod:`diffsample.solvers.model_time`).
         steps: number of grid intervals (>= 1); equals ``nfe`` for single-stage solvers.
         final: ``"zero"`` -- evaluate at ``steps`` schedule points and denoise to ``sigma = 0`` on
             the last step (diffusers ``final_sigmas_type="zero"``, k-diffusion's trailing 0);
@@ -167,6 +171,7 @@ class Sampler:
         hooks = collect_hooks(denoiser) if hooks is None else hooks
         hooks.check(self.solver)
         grid = self.grid(denoiser.noise_schedule)
+        model_times = model_time_map(self.step_schedule, grid)
         work_dtype = torch.promote_types(noise.dtype, torch.float32)
         best = hooks.best_of
         nfe, best_x, best_r = 0, None, None
@@ -174,7 +179,7 @@ class Sampler:
         with count_model_evals() as rows, count_events() as events:
             if hooks.twist is not None:
                 x, calls = self._run_smc(denoiser, grid, noise.to(work_dtype), cond, noise_fn, chain_noise, callback,
-                                         hooks.twist)
+                                         hooks.twist, model_times)
                 return SampleResult(x=x, nfe=calls, model_evals=rows[0] / noise.shape[0], grid=grid,
                                     wall_time_s=time.perf_counter() - start, events=dict(events))
             for k in range(best.chains if best is not None else 1):
@@ -184,7 +189,8 @@ class Sampler:
                     noise_k, noise_fn_k = chain_noise(k)
                 else:
                     noise_k, noise_fn_k = torch.randn_like(noise), None
-                x, calls = self._run(denoiser, grid, noise_k.to(work_dtype), cond, noise_fn_k, callback, hooks)
+                x, calls = self._run(denoiser, grid, noise_k.to(work_dtype), cond, noise_fn_k, callback, hooks,
+                                     model_times)
                 nfe += calls
                 if best is None:
                     best_x = x
@@ -201,14 +207,16 @@ class Sampler:
         return SampleResult(x=best_x, nfe=nfe, model_evals=rows[0] / noise.shape[0], grid=grid,
                             wall_time_s=time.perf_counter() - start, events=dict(events))
 
-    def _checked(self, denoiser: Denoiser, step: list[int]) -> tuple[Callable[..., Tensor], list[int]]:
+    def _checked(self, denoiser: Denoiser, step: list[int],
+                 model_times: ModelTimeMap | None = None) -> tuple[Callable[..., Tensor], list[int]]:
         """``(denoise(x, t, cond), calls)``: ``denoiser`` with call counting and the non-finite check
-        (``step[0]`` names the step in the error)."""
+        (``step[0]`` names the step in the error), evaluated at ``model_times(t)`` where the step
+        schedule decouples the model's times from the grid's (LD3; :mod:`diffsample.solvers.model_time`)."""
         calls = [0]
 
         def denoise(x_in: Tensor, t: Tensor, cond: Cond | None) -> Tensor:
             calls[0] += 1
-            out = denoiser(x_in, t, cond)
+            out = denoiser(x_in, t if model_times is None else model_times(t), cond)
             if not self.allow_nonfinite and not bool(torch.isfinite(out).all()):
                 raise NonFiniteError(
                     f"model output is not finite at step {step[0]} (t={float(t[0]):.6g}, "
@@ -220,10 +228,11 @@ class Sampler:
         return denoise, calls
 
     def _run_smc(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
-                 chain_noise, callback: Callable[[StepInfo], None] | None, twisted) -> tuple[Tensor, int]:
+                 chain_noise, callback: Callable[[StepInfo], None] | None, twisted,
+                 model_times: ModelTimeMap | None = None) -> tuple[Tensor, int]:
         """Twisted SMC (:func:`~diffsample.samplers.twisted_smc.twisted_smc`): ``(B outputs, denoiser calls)``."""
         step = [0]
-        denoise, calls = self._checked(denoiser, step)
+        denoise, calls = self._checked(denoiser, step, model_times)
 
         def on_step(i: int, x: Tensor) -> None:
             step[0] = i + 1
@@ -248,13 +257,14 @@ class Sampler:
         return call_denoise(denoise, x, grid.t_list[-1])
 
     def _run(self, denoiser: Denoiser, grid: Grid, noise: Tensor, cond: Cond | None, noise_fn: NoiseFn | None,
-             callback: Callable[[StepInfo], None] | None, hooks: RunHooks) -> tuple[Tensor, int]:
+             callback: Callable[[StepInfo], None] | None, hooks: RunHooks,
+             model_times: ModelTimeMap | None = None) -> tuple[Tensor, int]:
         """One chain: ``(final x, denoiser calls)``."""
         x = noise * prior_scale(grid)
         if noise_fn is None:
             noise_fn = lambda sigma, sigma_next: torch.randn_like(x)  # noqa: E731
         current = [0]
-        checked, calls = self._checked(denoiser, current)
+        checked, calls = self._checked(denoiser, current, model_times)
 
         def denoise(x_in: Tensor, t: Tensor) -> Tensor:
             return checked(x_in, t, cond)

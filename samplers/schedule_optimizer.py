@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffsample.solvers.model_time import ModelTimeMap
 from diffsample.solvers.solver import Denoise, Grid, NoiseSchedule, Solver
 from diffsample.solvers.step_schedules import check_steps
 
@@ -191,10 +192,14 @@ def substep_times(t_fine: Tensor, substeps: int) -> Tensor:
     return torch.cat(parts + [t_fine[-1:]])
 
 
-def run_solver(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_eval: Tensor) -> Tensor:
+def run_solver(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tensor, t_eval: Tensor,
+               t_model: Tensor | None = None) -> Tensor:
     """The solver's endpoint from ``noise`` on the grid ``t_eval`` + ``sigma = 0`` (as the sampler
-    runs it: ``x = noise * prior scale``, one ``solver.step`` per interval)."""
+    runs it: ``x = noise * prior scale``, one ``solver.step`` per interval); with ``t_model`` (shape
+    of ``t_eval``) the model is evaluated at those decoupled times (:class:`ModelTimeMap`)."""
     grid = _eval_grid(ns, torch.as_tensor(t_eval, dtype=torch.float64))
+    if t_model is not None:
+        denoise = ModelTimeMap(grid.t_list[:-1], torch.as_tensor(t_model).tolist(), ns).wrap(denoise)
     x = noise * prior_scale(grid)
     state = solver.init(x, grid)
     with torch.no_grad():
@@ -203,10 +208,11 @@ def run_solver(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tenso
     return x
 
 
-def endpoint_rmse(solver: Solver, denoise: Denoise, teacher: Teacher, t_eval: Tensor) -> float:
-    """RMS distance between the solver's endpoint on ``t_eval`` and the teacher's endpoint (weighted
-    by ``teacher.weights`` where it has them)."""
-    return rms(run_solver(solver, denoise, teacher.noise_schedule, teacher.noise, t_eval), teacher.endpoint,
+def endpoint_rmse(solver: Solver, denoise: Denoise, teacher: Teacher, t_eval: Tensor,
+                  t_model: Tensor | None = None) -> float:
+    """RMS distance between the solver's endpoint on ``t_eval`` (model times ``t_model``, if given)
+    and the teacher's endpoint (weighted by ``teacher.weights`` where it has them)."""
+    return rms(run_solver(solver, denoise, teacher.noise_schedule, teacher.noise, t_eval, t_model), teacher.endpoint,
                teacher.weights)
 
 
@@ -405,8 +411,6 @@ def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int,
     Returns:
         ``(t, objective, objective evaluations)``: the best grid seen (never worse than ``init``).
     """
-    from scipy.optimize import minimize
-
     steps = check_steps(steps)
     check_deterministic(solver)
     ns = teacher.noise_schedule
@@ -445,15 +449,123 @@ def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int,
                 bar.set_postfix(rmse=f"{f:.4g}")
             return f
 
-        # Nelder-Mead, restarted from the best point with a smaller simplex whenever it converges early.
-        theta, scale = params.theta(best["t"]), 1.0
-        while evals[0] < stop and scale > 0.05:
-            simplex = np.vstack([theta] + [theta + scale * np.eye(params.size)[k] for k in range(params.size)])
-            minimize(objective, theta, method="Nelder-Mead",
-                     options={"maxfev": stop - evals[0], "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
-            theta, scale = params.theta(best["t"]), scale / 2
+        restarted_nelder_mead(objective, lambda params=params: params.theta(best["t"]), stop, evals)
     bar.close()
     return best["t"], best["f"], evals[0]
+
+
+def restarted_nelder_mead(objective: Callable[[np.ndarray], float], start: Callable[[], np.ndarray], stop: int,
+                          evals: list[int], xatol: float = 1e-3) -> None:
+    """scipy Nelder-Mead from ``start()`` with a unit simplex, restarted from ``start()`` (the best
+    point so far, which ``objective`` records) with half the simplex whenever it converges early,
+    until ``evals[0]`` (counted by ``objective``) reaches ``stop`` or the simplex is below 0.05."""
+    from scipy.optimize import minimize
+
+    z, scale = start(), 1.0
+    while evals[0] < stop and scale > 0.05:
+        simplex = np.vstack([z] + [z + scale * np.eye(z.size)[k] for k in range(z.size)])
+        minimize(objective, z, method="Nelder-Mead",
+                 options={"maxfev": stop - evals[0], "initial_simplex": simplex, "xatol": xatol, "fatol": 1e-7})
+        z, scale = start(), scale / 2
+
+
+@dataclass(frozen=True)
+class DecoupledParams:
+    """A grid and its decoupled model times (LD3's two parameter sets, arXiv 2405.15506, official code
+    ``discretize_model_wrapper``) as one vector ``z = (theta, phi)``: ``theta`` places the grid
+    (:class:`LogSigmaParams`); ``phi`` (``N - 1`` entries) moves the model time of every grid point
+    but the first, in ``u = log(sigma / alpha)``: ``u'_i = u_i + window * g * tanh(phi_i)``, ``g`` the
+    grid's smallest gap in ``u`` (LD3 clamps its shift to ``window`` times the smallest step; the
+    ``tanh`` keeps the bound smooth for Nelder-Mead). With ``window <= 0.5`` the model times stay
+    strictly decreasing."""
+
+    grid: LogSigmaParams
+    window: float = 0.5
+
+    @property
+    def size(self) -> int:
+        return self.grid.size + self.grid.steps - 1
+
+    def _reach(self, t: Tensor) -> tuple[Tensor, float]:
+        u = torch.log(self.grid.ns.sigma_ve(t))
+        gaps = (u[:-1] - u[1:]).abs()
+        return u, self.window * (float(gaps.min()) if gaps.numel() else 0.0)
+
+    def times(self, z: np.ndarray) -> tuple[Tensor, Tensor]:
+        """``(t, t_model)``, both ``(N,)`` float64, noisiest first."""
+        ns = self.grid.ns
+        t = self.grid.times(z[: self.grid.size])
+        u, reach = self._reach(t)
+        shift = torch.zeros_like(u)
+        shift[1:] = reach * torch.tanh(torch.as_tensor(z[self.grid.size:], dtype=torch.float64))
+        t_model = ns.t_from_sigma_ve(torch.exp(u + shift)).clamp(ns.t_min, ns.t_max)
+        t_model[0] = t[0]
+        return t, t_model
+
+    def z(self, t: Tensor, t_model: Tensor) -> np.ndarray:
+        """The parameters of ``(t, t_model)`` (inverse of :meth:`times` up to clipping)."""
+        u, reach = self._reach(t)
+        u_model = torch.log(self.grid.ns.sigma_ve(t_model))
+        frac = ((u_model - u)[1:] / reach).numpy() if reach > 0 else np.zeros(self.grid.steps - 1)
+        return np.concatenate([self.grid.theta(t), np.arctanh(np.clip(frac, -0.999, 0.999))])
+
+
+def ld3_decoupled(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int, init: Tensor,
+                  max_evals: int | None = None, free_start: bool = False, window: float = 0.5,
+                  progress: bool = False) -> tuple[Tensor, Tensor, float, int]:
+    """LD3 with decoupled model times: minimise the endpoint RMSE against the teacher jointly over the
+    grid's free times and the model time at each grid point but the first
+    (:class:`DecoupledParams`), Nelder-Mead from the grid ``init`` with model times equal to it
+    (so the result is never worse than ``init``, typically :func:`ld3_schedule`'s grid).
+
+    Args:
+        max_evals: objective evaluations (default ``80 * steps``), each one solver run of ``steps``
+            model evaluations on the teacher's noises.
+        free_start: the first grid time is free (``<= t_max``) as well; else ``init`` must start at
+            ``t_max`` and stays there.
+        window: the model time of grid point ``i`` stays within ``window`` times the grid's smallest
+            log-sigma gap of ``t_i`` (``0 < window <= 0.5``; LD3's default 0.5).
+
+    Returns:
+        ``(t, t_model, objective, objective evaluations)``: the best seen; ``t`` and ``t_model`` ``(N,)``.
+
+    Raises:
+        ValueError: ``window`` outside ``(0, 0.5]``; a fixed start with ``init`` not at ``t_max``.
+    """
+    steps = check_steps(steps)
+    check_deterministic(solver)
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 < window <= 0.5:
+        raise ValueError(f"window must be a number in (0, 0.5], got {window!r}")
+    ns = teacher.noise_schedule
+    init = torch.as_tensor(init, dtype=torch.float64)
+    if not free_start and not starts_at_t_max(ns, init):
+        raise ValueError(f"with t_0 fixed the initial grid must start at t_max = {float(ns.t_max)}, got {float(init[0])}")
+    best = {"f": endpoint_rmse(solver, denoise, teacher, init), "t": init, "t_model": init.clone()}
+    params = DecoupledParams(LogSigmaParams(ns, steps, free_start), float(window))
+    evals = [1]
+    if steps < 2:
+        return best["t"], best["t_model"], best["f"], evals[0]
+    budget = max_evals if max_evals is not None else 80 * steps
+    bar = tqdm(total=budget, disable=not progress, leave=False, desc="ld3 decoupled")
+
+    def objective(z: np.ndarray) -> float:
+        evals[0] += 1
+        bar.update()
+        t, t_model = params.times(z)
+        try:
+            f = endpoint_rmse(solver, denoise, teacher, t, t_model)
+        except ValueError:  # times collapsed onto each other by clamping
+            return float("inf")
+        if not math.isfinite(f):
+            return float("inf")
+        if f < best["f"]:
+            best.update(f=f, t=t, t_model=t_model)
+            bar.set_postfix(rmse=f"{f:.4g}")
+        return f
+
+    restarted_nelder_mead(objective, lambda: params.z(best["t"], best["t_model"]), budget, evals, xatol=1e-4)
+    bar.close()
+    return best["t"], best["t_model"], best["f"], evals[0]
 
 
 def sample_errors(solver: Solver, denoise: Denoise, ns: NoiseSchedule, noise: Tensor, endpoint: Tensor,

@@ -3,15 +3,21 @@
 ``diffsample optimize-schedule`` (:func:`diffsample.run.optimize.optimize_schedule`) writes it; the
 step-schedule registry reads it back as ``file:path=FILE.json`` (``--schedule FILE.json`` on the
 command line). The object is an ordinary step schedule, ``(noise_schedule, n) -> t``, so it goes
-wherever one goes: ``schedule=`` of ``generate``, ``sweep``, ``attach`` and ``sample_pipeline``.
+wherever one goes: ``schedule=`` of ``generate``, ``sweep``, ``attach`` and ``sample_pipeline`` (one
+with decoupled model times, ``t_model``, everywhere but ``attach``, which refuses it: a pipeline's
+own loop hands the network the scheduler's timesteps).
 
-File format (one JSON object, ``format = "diffsample.step_schedule"``, ``version = 1``):
+File format (one JSON object, ``format = "diffsample.step_schedule"``, ``version = 1``; 2 when it
+carries ``t_model``):
 
 * ``t`` -- the ``steps`` evaluation times, noisiest first, strictly decreasing, in the model's own
   time unit (a diffusers timestep for discrete-VP models, ``t`` in [0, 1] for flows); the run ends
   with a step to ``sigma = 0`` (``final = "zero"``), so ``steps = len(t)``;
 * ``sigma_ve`` -- ``sigma / alpha`` at each time (a check that the file meets the noise schedule it
   was made for; ``null`` where infinite, as at a flow's ``t = 1``);
+* ``t_model`` (optional, version 2) -- LD3's decoupled model-evaluation times: the model is evaluated
+  at ``t_model[i]`` when the solver asks at ``t[i]`` (:mod:`diffsample.solvers.model_time`); same
+  length and unit as ``t``; absent (or ``null``) for an ordinary schedule;
 * ``model``, ``solver``, ``steps``, ``method``, ``objective`` (endpoint RMSE against the teacher on
   the calibration noises), ``objective_builtin`` (the same for every built-in schedule),
   ``calibration`` (number of noises, first seed), ``noise_schedule`` (its repr), ``command``
@@ -36,6 +42,9 @@ from diffsample.solvers.solver import NoiseSchedule
 from diffsample.solvers.step_schedules import check_steps
 
 FORMAT, VERSION = "diffsample.step_schedule", 1
+VERSION_DECOUPLED = 2
+"""The version written when the file carries ``t_model`` (readers of version 1 would ignore it)."""
+VERSIONS = (VERSION, VERSION_DECOUPLED)
 METHODS = ("gits", "ld3")
 """Optimisation methods a schedule file may name."""
 _MAX_BYTES = 1 << 20
@@ -64,6 +73,8 @@ class OptimizedSchedule:
         command: the command (or call) that made it.
         path: the file it was read from or saved to (``None``: in memory only).
         extra: everything else the file holds (date, versions, timings).
+        t_model: ``None``, or ``steps`` model-evaluation times, one per ``t`` (LD3's decoupled times,
+            arXiv 2405.15506: the solver steps on ``t``, the model is asked at ``t_model``).
     """
 
     t: tuple[float, ...]
@@ -78,6 +89,7 @@ class OptimizedSchedule:
     command: str = ""
     path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    t_model: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         t = tuple(self.t)
@@ -88,6 +100,14 @@ class OptimizedSchedule:
         if self.method not in METHODS:
             raise ValueError(f"unknown schedule method {self.method!r}; valid: {', '.join(METHODS)}")
         object.__setattr__(self, "t", tuple(float(v) for v in t))
+        if self.t_model is not None:
+            tm = tuple(self.t_model)
+            if len(tm) != len(t) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            and math.isfinite(v) for v in tm):
+                raise ValueError(f"model times must be {len(t)} finite numbers, one per schedule time, got {list(tm)!r}")
+            if self.method != "ld3":
+                raise ValueError(f"decoupled model times come from method 'ld3', not {self.method!r}")
+            object.__setattr__(self, "t_model", tuple(float(v) for v in tm))
 
     @property
     def steps(self) -> int:
@@ -103,7 +123,8 @@ class OptimizedSchedule:
     def __str__(self) -> str:
         if self.path is not None:
             return f"file:path={self.path}"
-        return f"optimized({self.method}, {self.solver}, steps={self.steps}, model={self.model})"
+        kind = "ld3, decoupled" if self.t_model is not None else self.method
+        return f"optimized({kind}, {self.solver}, steps={self.steps}, model={self.model})"
 
     # ---- the step-schedule contract ----------------------------------------------------------------
     def __call__(self, ns: NoiseSchedule, n: int) -> Tensor:
@@ -122,8 +143,13 @@ class OptimizedSchedule:
         t = torch.tensor(self.t, dtype=torch.float64)
         lo, hi = ns.t_min, ns.t_max
         tol = 1e-9 * max(1.0, abs(hi))
-        if (t < lo - tol).any() or (t > hi + tol).any():
-            raise ValueError(f"schedule {self} has times {list(self.t)} outside the noise schedule's range "
+        outside = (t < lo - tol).any() or (t > hi + tol).any()
+        if self.t_model is not None:
+            tm = torch.tensor(self.t_model, dtype=torch.float64)
+            outside = outside or bool((tm < lo - tol).any() or (tm > hi + tol).any())
+        if outside:
+            raise ValueError(f"schedule {self} has times {list(self.t)} (model times {self.t_model}) outside the "
+                             "noise schedule's range "
                              f"[{lo}, {hi}]; it was made for {self.noise_schedule or 'another noise schedule'}")
         for line in self.noise_schedule_mismatch(ns):
             warnings.warn(line, ScheduleMismatch, stacklevel=2)
@@ -157,9 +183,11 @@ class OptimizedSchedule:
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the file (module docstring)."""
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "solver": self.solver,
+        decoupled = {} if self.t_model is None else {"t_model": list(self.t_model)}
+        return {"format": FORMAT, "version": VERSION if self.t_model is None else VERSION_DECOUPLED,
+                "model": self.model, "solver": self.solver,
                 "steps": self.steps, "final": "zero", "method": self.method, "objective": self.objective,
-                "objective_builtin": dict(self.objective_builtin), "t": list(self.t),
+                "objective_builtin": dict(self.objective_builtin), "t": list(self.t), **decoupled,
                 "sigma_ve": list(self.sigma_ve), "noise_schedule": self.noise_schedule,
                 "calibration": dict(self.calibration), "command": self.command, **self.extra}
 
@@ -189,6 +217,10 @@ class OptimizedSchedule:
         if data.get("format") != FORMAT:
             raise ValueError(f"{where}: not a diffsample step schedule (format {data.get('format')!r}, "
                              f"expected {FORMAT!r})")
+        version = data.get("version", VERSION)
+        if version not in VERSIONS or isinstance(version, bool):
+            raise ValueError(f"{where}: unknown version {version!r}; this diffsample reads versions "
+                             f"{', '.join(map(str, VERSIONS))}")
         for key, kind in (("model", str), ("solver", str), ("method", str), ("t", list)):
             if not isinstance(data.get(key), kind):
                 raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {data.get(key)!r}")
@@ -209,17 +241,22 @@ class OptimizedSchedule:
         if not isinstance(sigma_ve, list) or (sigma_ve and len(sigma_ve) != len(t)) or not all(
                 s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in sigma_ve):
             raise ValueError(f"{where}: 'sigma_ve' must list one number (or null) per time, got {sigma_ve!r}")
+        t_model = data.get("t_model")
+        if t_model is not None and (not isinstance(t_model, list) or len(t_model) != len(t) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in t_model)):
+            raise ValueError(f"{where}: 't_model' must list one finite number per time ({len(t)}), got {t_model!r}")
         builtin = data.get("objective_builtin", {})
         if not isinstance(builtin, dict):
             raise ValueError(f"{where}: 'objective_builtin' must be an object, got {builtin!r}")
         known = {"format", "version", "model", "solver", "steps", "final", "method", "objective",
-                 "objective_builtin", "t", "sigma_ve", "noise_schedule", "calibration", "command"}
+                 "objective_builtin", "t", "t_model", "sigma_ve", "noise_schedule", "calibration", "command"}
         try:
             return cls(t=tuple(t), model=data["model"], solver=data["solver"], method=data["method"],
                        objective=float(objective), objective_builtin=dict(builtin), sigma_ve=tuple(sigma_ve),
                        noise_schedule=str(data.get("noise_schedule", "")),
                        calibration=dict(data.get("calibration") or {}), command=str(data.get("command", "")),
-                       extra={k: v for k, v in data.items() if k not in known})
+                       extra={k: v for k, v in data.items() if k not in known},
+                       t_model=None if t_model is None else tuple(t_model))
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
 

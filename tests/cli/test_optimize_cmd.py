@@ -65,6 +65,8 @@ def test_a_file_for_another_solver_warns_and_names_the_mismatch(schedule_file, t
     (["--steps", "3", "--solver", "euler_ancestral"], "stochastic"),
     (["--steps", "3", "--solver", "nope"], "unknown solver 'nope'"),
     (["--steps", "3", "--pool", "4"], "--pool (4) must be larger than --num-samples"),
+    (["--steps", "3", "--method", "gits", "--decoupled"], "--decoupled needs --method ld3"),
+    (["--steps", "3", "--decoupled-evals", "5"], "--decoupled-evals needs --decoupled"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, match):
     out = tmp_path / "s.json"
@@ -129,3 +131,18 @@ def test_generate_takes_steps_and_solver_from_the_file_when_not_given(schedule_f
     result = run("generate", "--schedule", str(out), "--steps", "5", "--num-samples", "2", "--out",
                  str(tmp_path / "h"), "-q")
     assert result.exit_code == 2 and "run with steps=3" in result.output and not (tmp_path / "h").exists()
+
+
+def test_decoupled_writes_model_times_that_generate_uses(tmp_path):
+    out = tmp_path / "d.json"
+    result = run("optimize-schedule", "--model", "mnist", "--solver", "dpmpp_2m", "--steps", "3", "--method", "ld3",
+                 "--max-evals", "4", "--decoupled", "--decoupled-evals", "8", "--fixed-start", *SMALL[:-1],
+                 "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "ld3 (decoupled model times) dpmpp_2m steps=3" in result.output
+    data = json.loads(out.read_text())
+    assert data["version"] == 2 and len(data["t_model"]) == 3 and data["t_model"][0] == data["t"][0] == 999.0
+    assert "--decoupled" in data["command"] and data["ld3_decoupled_evals"] >= 8
+    gen = tmp_path / "g"
+    result = run("generate", "--schedule", str(out), "--num-samples", "2", "--out", str(gen), "-q")
+    assert result.exit_code == 0, result.output

@@ -331,3 +331,33 @@ def test_unsupported_pipeline_for_native_loop():
 
     with pytest.raises(ValueError, match="no native loop for NotAPipeline"):
         PipelineDenoiser.from_pipeline(NotAPipeline())
+
+
+# ---- decoupled model times (an LD3 schedule fitted with decoupled=True) ------------------------------
+def _decoupled_schedule():
+    from diffsample.solvers.schedule_file import schedule_from_times
+
+    ns = PipelineDenoiser.from_pipeline(pipe_for("sd")).noise_schedule
+    return schedule_from_times([999.0, 700.0, 400.0, 120.0], ns, model="tiny-sd", solver="dpmpp_2m", method="ld3",
+                               objective=0.0, t_model=(999.0, 731.5, 377.25, 140.0))
+
+
+def test_native_loop_hands_the_network_the_decoupled_model_times():
+    pipe = pipe_for("sd")
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(float(torch.as_tensor(args[1]).reshape(-1)[0])))
+    try:
+        out = sample_pipeline(pipe, "a red fox", solver="dpmpp_2m", schedule=_decoupled_schedule(), steps=4,
+                              output_type="latent", height=16, width=16)
+    finally:
+        handle.remove()
+    assert out.result.nfe == 4 and torch.isfinite(out.latents).all()
+    assert sorted(set(seen), reverse=True) == pytest.approx([999.0, 731.5, 377.25, 140.0], rel=1e-6)
+
+
+def test_attach_refuses_decoupled_model_times_in_one_line():
+    pipe = copy.copy(pipe_for("sd"))
+    with pytest.raises(ValueError, match="evaluates the model at decoupled times") as info:
+        attach(pipe, "dpmpp_2m", schedule=_decoupled_schedule())
+    assert "\n" not in str(info.value) and "native loop" in str(info.value)
+    assert not isinstance(pipe.scheduler, DiffSampleScheduler)
