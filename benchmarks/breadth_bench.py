@@ -216,8 +216,9 @@ def optimizer_version() -> str:
 
 def opt_label(args) -> str:
     """The schedule column of an optimised cell: the method, ``+pool`` for a stratified calibration set,
-    ``,t0=t_max`` when the first time is kept at t_max."""
+    ``+decoupled`` for LD3 with decoupled model times, ``,t0=t_max`` when the first time is kept at t_max."""
     return (f"optimised:{GMM_OPT_METHOD}" + ("+pool" if args.opt_pool else "")
+            + ("+decoupled" if args.opt_decoupled else "")
             + (",t0=t_max" if args.opt_fixed_start else "")
             + (f",evals={args.opt_max_evals}" if args.opt_max_evals else ""))
 
@@ -264,11 +265,13 @@ def phase_gmm_opt(args, log) -> None:
                     sched = optimize_schedule(den, solver=solver, steps=nfe, method=GMM_OPT_METHOD,
                                               num_samples=calib, seed=CALIBRATION_SEED, max_evals=args.opt_max_evals,
                                               free_start=not args.opt_fixed_start, **extra,
+                                              decoupled=args.opt_decoupled,
                                               command=f"optimize_schedule(gmm {pname}, solver={solver!r}, steps={nfe}, "
                                                       f"method={GMM_OPT_METHOD!r}, num_samples={calib}"
                                                       + (f", pool={args.opt_pool}" if args.opt_pool else "")
                                                       + (f", max_evals={args.opt_max_evals}" if args.opt_max_evals
                                                          else "")
+                                                      + (", decoupled=True" if args.opt_decoupled else "")
                                                       + (", free_start=False)" if args.opt_fixed_start else ")"))
                     tag = label.replace(":", "_").replace(",", "_").replace("=", "")
                     sched.save(args.work / f"opt_{pname}_{solver}_{nfe}_{tag}_{version}.json")
@@ -276,6 +279,7 @@ def phase_gmm_opt(args, log) -> None:
                     t0 = round(out.grid.t_list[0], 6)
                     finite = bool(torch.isfinite(out.x).all())
                     cell.update(steps=nfe, nfe=out.nfe, t0=t0, t=list(sched.t), objective=sched.objective,
+                                t_model=None if sched.t_model is None else list(sched.t_model),
                                 best_builtin_objective=list(sched.best_builtin or ()),
                                 cpu_s=sched.extra.get("cpu_seconds"), init=sched.extra.get("ld3_init"),
                                 rmse=rmse(out.x, refs(t0)) if finite else float("nan"))
@@ -327,7 +331,9 @@ def phase_gmm_big(args, log) -> None:
                 if t is None:
                     x = Sampler(solver, STEP_SCHEDULES.create(c["schedule"]), c["steps"])(den, noise).x
                 else:
-                    x = so.run_solver(solver, den, ns, noise, torch.tensor(t, dtype=torch.float64))
+                    t_model = c.get("t_model")
+                    x = so.run_solver(solver, den, ns, noise, torch.tensor(t, dtype=torch.float64),
+                                      None if t_model is None else torch.tensor(t_model, dtype=torch.float64))
                 cell = dict(problem=pname, solver=c["solver"], schedule=c["schedule"], nfe_target=c["nfe_target"],
                             steps=c["steps"], before=c["before"], optimizer_version=c.get("optimizer_version"),
                             samples=args.big_samples, rmse_2048=c["rmse"], rmse=rmse(x, ref),
@@ -813,6 +819,8 @@ def main() -> None:
     ap.add_argument("--opt-pool", type=int, default=None,
                     help="gmm_opt: draw this many noises and calibrate on a stratified --opt-calib of them")
     ap.add_argument("--opt-fixed-start", action="store_true", help="gmm_opt: keep t_0 = t_max (free_start=False)")
+    ap.add_argument("--opt-decoupled", action="store_true",
+                    help="gmm_opt: LD3 also fits decoupled model times (decoupled=True); label +decoupled")
     ap.add_argument("--opt-max-evals", type=int, default=None, help="gmm_opt: LD3 objective evaluations (default 40 x NFE)")
     ap.add_argument("--big-problems", default="64d", help="gmm_big: problems, comma-separated")
     ap.add_argument("--big-samples", type=int, default=16384, help="gmm_big: held-out noises per problem")

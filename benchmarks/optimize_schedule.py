@@ -143,21 +143,25 @@ def gmm_phase(args) -> None:
                         c.update(rmse=None, error=str(exc))
                     append(args.work, c)
                 for method in args.methods:
-                    label = method if args.pool is None else f"{method}+pool"
+                    if args.decoupled and method != "ld3":
+                        continue
+                    label = (method + ("+pool" if args.pool is not None else "")
+                             + ("+decoupled" if args.decoupled else ""))
                     c0 = dict(part="gmm", problem=pname, kind="optimized", solver=solver, schedule=label, nfe=nfe)
                     if key({**c0, "seed_set": 2}) in done:
                         continue
                     pooled = {} if args.pool is None else dict(pool=args.pool)
                     sched = optimize_schedule(den, solver=solver, steps=nfe, method=method, num_samples=args.calib,
                                               fine_steps=args.fine_steps, teacher=None if pooled else teacher,
-                                              free_start=args.gmm_free_start, **pooled,
+                                              free_start=args.gmm_free_start, **pooled, decoupled=args.decoupled,
                                               command=f"optimize_schedule(gmm {pname}, solver={solver!r}, steps={nfe}, "
                                                       f"method={method!r}, num_samples={args.calib}"
-                                                      + (f", pool={args.pool})" if pooled else ")"))
+                                                      + (f", pool={args.pool}" if pooled else "")
+                                                      + (", decoupled=True)" if args.decoupled else ")"))
                     sched.save(args.work / f"schedule_gmm_{pname}_{solver}_{label}_{nfe}.json")
                     info = dict(cpu_seconds=sched.extra["cpu_seconds"], teacher_cpu_seconds=round(teacher_cpu, 3),
                                 objective=sched.objective, best_builtin_objective=list(sched.best_builtin or ()),
-                                t=list(sched.t))
+                                t=list(sched.t), t_model=None if sched.t_model is None else list(sched.t_model))
                     for k in range(3):
                         append(args.work, {**c0, "seed_set": k, **score(solver, sched, nfe, k), **info})
                     log(f"[{pname}] {solver} NFE {nfe} {method}: objective {sched.objective:.4g} "
@@ -219,11 +223,16 @@ def mnist_phase(args) -> None:
             for method in args.methods:
                 if method == "ld3" and nfe not in args.ld3_nfe:
                     continue
-                c0 = dict(part="mnist", problem="mnist", kind="optimized", solver=solver, schedule=method, nfe=nfe)
+                if args.decoupled and method != "ld3":
+                    continue
+                label = method + ("+decoupled" if args.decoupled else "")
+                c0 = dict(part="mnist", problem="mnist", kind="optimized", solver=solver, schedule=label, nfe=nfe)
                 if key({**c0, "seed_set": args.opt_seed_sets - 1}) in done:
                     continue
                 kw = dict(max_evals=args.ld3_evals * nfe, ld3_samples=args.ld3_samples) if method == "ld3" else {}
-                saved = args.work / f"schedule_mnist_{solver}_{method}_{nfe}.json"
+                if args.decoupled:
+                    kw.update(decoupled=True, decoupled_evals=args.decoupled_evals * nfe)
+                saved = args.work / f"schedule_mnist_{solver}_{label}_{nfe}.json"
                 if saved.exists():  # a resumed run: the schedule is made, some seed sets are not scored yet
                     from diffsample.solvers.schedule_file import load_schedule
 
@@ -234,19 +243,21 @@ def mnist_phase(args) -> None:
                                               command=f"diffsample optimize-schedule --model mnist --solver {solver} "
                                                       f"--steps {nfe} --method {method} --num-samples {args.calib}"
                                                       + (f" --max-evals {kw['max_evals']} --ld3-samples "
-                                                         f"{kw['ld3_samples']}" if kw else ""))
+                                                         f"{kw['ld3_samples']}" if kw else "")
+                                                      + (f" --decoupled --decoupled-evals {kw['decoupled_evals']}"
+                                                         if args.decoupled else ""))
                     sched.save(saved)
                 info = dict(cpu_seconds=sched.extra["cpu_seconds"], teacher_cpu_seconds=round(teacher_cpu, 3),
                             objective=sched.objective, best_builtin_objective=list(sched.best_builtin or ()),
-                            t=list(sched.t))
-                log(f"[mnist] {solver} NFE {nfe} {method}: objective {sched.objective:.4g} vs "
+                            t=list(sched.t), t_model=None if sched.t_model is None else list(sched.t_model))
+                log(f"[mnist] {solver} NFE {nfe} {label}: objective {sched.objective:.4g} vs "
                     f"{sched.best_builtin} ({sched.extra['cpu_seconds']:.1f} CPU-s)")
                 for k in range(args.opt_seed_sets):
                     if key({**c0, "seed_set": k}) in done:
                         continue
                     c = {**c0, "seed_set": k, **fd(solver, sched, nfe, k), **info}
                     append(args.work, c)
-                    log(f"[mnist] {solver} NFE {nfe} {method} set {k}: FD {c['fd']:.3f}")
+                    log(f"[mnist] {solver} NFE {nfe} {label} set {k}: FD {c['fd']:.3f}")
         for nfe in args.nfe if args.only != "optimized" else ():
             for spec in builtins:
                 c = dict(part="mnist", problem="mnist", kind="builtin", solver=solver, schedule=spec, nfe=nfe,
@@ -522,6 +533,11 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=None,
                    help="gmm: optimised cells calibrate on a stratified set of --calib out of this many noises "
                         "(optimize_schedule(pool=...)); their schedule column reads METHOD+pool")
+    p.add_argument("--decoupled", action="store_true",
+                   help="LD3 cells also fit decoupled model times (optimize_schedule(decoupled=True)); their "
+                        "schedule column reads ld3[+pool]+decoupled (gmm: decoupled_evals = the library's default)")
+    p.add_argument("--decoupled-evals", type=int, default=80,
+                   help="mnist: objective evaluations of the decoupled fit per NFE (default 80, the library's default)")
     p.add_argument("--fine-steps", type=int, default=48)
     p.add_argument("--substeps", type=int, default=4)
     p.add_argument("--num-samples", type=int, default=1000)

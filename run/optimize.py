@@ -205,13 +205,13 @@ def _pool_endpoints(target: _Target, fine_steps: int, teacher_substeps: int, pro
 
 def stratified_teacher(target: _Target, solver: Any, steps: int, num_samples: int, builtins: dict[str, Any],
                        fine_steps: int, teacher_substeps: int, progress: bool, seed: int,
-                       cache_key: Any = None) -> tuple[so.Teacher, Tensor, dict]:
+                       cache_key: Any = None) -> tuple[so.Teacher, Tensor, dict, Tensor]:
     """Teacher trajectories on a stratified calibration set of ``num_samples`` out of the noises of
     ``target`` (the pool; :func:`~diffsample.samplers.schedule_optimizer.stratify`): the probes are
     the built-in schedules at ``steps`` steps with ``solver``, scored against the teacher's endpoints
     on the whole pool (kept for the next call with the same model, seed, pool and ``cache_key``, e.g.
-    the CFG scale and prompt). Returns the weighted teacher, the chosen pool indices and a record of
-    the pool."""
+    the CFG scale and prompt). Returns the weighted teacher, the chosen pool indices, a record of
+    the pool and the teacher's endpoints on the whole pool."""
     ns = target.noise_schedule
     k = (target.model_id, seed, int(target.noise.shape[0]), fine_steps, teacher_substeps, cache_key)
     if k not in _POOL:  # one pool kept: several solvers or step counts on one model reuse its endpoints
@@ -229,7 +229,7 @@ def stratified_teacher(target: _Target, solver: Any, steps: int, num_samples: in
     pool_size = int(target.noise.shape[0])
     record = {"pool": pool_size, "stratum_top": int((weights == 1).sum()), "stratum_random": int((weights != 1).sum()),
               "probes": list(probes)}
-    return teacher, index, record
+    return teacher, index, record, endpoints
 
 
 def calibration_teacher(model: Any = None, *, num_samples: int = 256, seed: int = CALIBRATION_SEED,
@@ -316,6 +316,9 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
             ``t_model[i]`` when the solver asks at ``t[i]``, each within half the grid's smallest
             log-sigma gap; :func:`~diffsample.samplers.schedule_optimizer.ld3_decoupled`). The
             schedule then carries ``t_model`` (file version 2); ``attach`` refuses such a schedule.
+            With ``pool``, both fits are scored on the pool's ``pool - num_samples`` noises outside
+            the fitted set and the decoupled one is kept only if it is not worse there
+            (``extra["decoupled_kept"]``, ``extra["pool_rest_rmse"]``).
         decoupled_evals: objective evaluations of that joint fit (default ``80 * steps``).
 
     Returns:
@@ -365,9 +368,14 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
     ns = target.noise_schedule
     builtins = builtin_schedules(ns, target.bundled)
     pool_record: dict[str, Any] = {}
+    held_out = None
     if pool is not None:
-        teacher, index, pool_record = stratified_teacher(target, solver_obj, steps, num_samples, builtins, fine_steps,
-                                                         teacher_substeps, progress, seed, (cfg_scale, prompt, device))
+        teacher, index, pool_record, endpoints = stratified_teacher(target, solver_obj, steps, num_samples, builtins,
+                                                                    fine_steps, teacher_substeps, progress, seed,
+                                                                    (cfg_scale, prompt, device))
+        rest = torch.ones(pool, dtype=torch.bool)
+        rest[index] = False
+        held_out = (target.subset(rest.nonzero().flatten()), endpoints[rest])
         target = target.subset(index)
     if teacher is None:
         teacher = _teacher(target, fine_steps, teacher_substeps, progress)
@@ -399,9 +407,22 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         record.update(ld3_init=init, ld3_evals=evals, ld3_samples=fit.noise.shape[0], ld3_free_start=free_start)
         if decoupled:
             record["ld3_objective_coupled"] = so.endpoint_rmse(solver_obj, denoise, teacher, t_opt)
-            t_opt, t_model, _, evals = so.ld3_decoupled(solver_obj, denoise, fit, steps, t_opt, decoupled_evals,
+            t_dec, t_model, _, evals = so.ld3_decoupled(solver_obj, denoise, fit, steps, t_opt, decoupled_evals,
                                                         free_start=free_start, progress=progress)
             record.update(ld3_decoupled_evals=evals)
+            if held_out is not None:
+                # The pool's noises outside the fitted set: keep the decoupled fit only if it is better there too.
+                rest_target, rest_end = held_out
+                errs = {name: so.rms(so.run_solver(solver_obj, rest_target.denoise, ns, rest_target.noise, t, tm),
+                                     rest_end)
+                        for name, (t, tm) in (("coupled", (t_opt, None)), ("decoupled", (t_dec, t_model)))}
+                record.update(pool_rest_rmse=errs, pool_rest_samples=int(rest_end.shape[0]))
+                if errs["decoupled"] > errs["coupled"]:
+                    t_dec, t_model = t_opt, None
+                    record["decoupled_kept"] = False
+                else:
+                    record["decoupled_kept"] = True
+            t_opt = t_dec
     objective = so.endpoint_rmse(solver_obj, denoise, teacher, t_opt, t_model)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     if command is None:

@@ -357,3 +357,15 @@ def test_decoupled_params_round_trip_and_bad_window():
         so.ld3_decoupled(SOLVERS.create("euler"), GMM.denoiser(NS), teacher, 3, t[:3], window=0.8)
     with pytest.raises(ValueError, match="must start at t_max"):
         so.ld3_decoupled(SOLVERS.create("euler"), GMM.denoiser(NS), teacher, 3, t[1:])
+
+
+def test_with_a_pool_the_decoupled_fit_is_kept_only_if_the_rest_of_the_pool_agrees():
+    torch.set_num_threads(1)
+    den = GMM.denoiser(NS)
+    s = optimize_schedule(den, solver="dpmpp_2m", steps=4, method="ld3", num_samples=64, pool=400, fine_steps=12,
+                          free_start=False, max_evals=40, decoupled=True, decoupled_evals=60)
+    errs = s.extra["pool_rest_rmse"]
+    assert s.extra["pool_rest_samples"] == 400 - 64
+    assert s.extra["decoupled_kept"] == (errs["decoupled"] <= errs["coupled"])
+    assert (s.t_model is not None) == s.extra["decoupled_kept"]
+    assert all(0 < v < 1 for v in errs.values())
