@@ -449,11 +449,18 @@ def report(args) -> None:
                   f"{c['teacher_cpu_seconds']:.1f} | {c['objective']:.4g} | {bb[0]} {bb[1]:.4g} |")
         if c["problem"] == "mnist":
             costs[f"{c['solver']}/{c['schedule']}/{c['nfe']}"] = c["cpu_seconds"] + c["teacher_cpu_seconds"]
-    if costs:
-        worst = max(costs.values())
+    plain = {k: v for k, v in costs.items() if "decoupled" not in k}
+    if plain:
+        worst = max(plain.values())
         summary["mnist"]["max_cpu_seconds_one_schedule"] = worst
-        md += ["", f"Target: one schedule on the bundled model in <= 300 CPU-s (teacher included): worst "
-                   f"{worst:.0f} CPU-s -> {'met' if worst <= 300 else 'missed'}."]
+        md += ["", f"Target: one schedule on the bundled model in <= 300 CPU-s (teacher included): GITS and LD3 "
+                   f"worst {worst:.0f} CPU-s -> {'met' if worst <= 300 else 'missed'}."]
+    dec = {k: v for k, v in costs.items() if "decoupled" in k}
+    if dec:
+        worst_dec = max(dec.values())
+        summary["mnist"]["max_cpu_seconds_one_decoupled_schedule"] = worst_dec
+        md += [f"LD3 with decoupled model times (opt-in, default 80 x NFE joint evaluations) worst {worst_dec:.0f} "
+               f"CPU-s -> {'within' if worst_dec <= 300 else 'over'} the 300 CPU-s bound."]
     md.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "optimize_schedule.md").write_text("\n".join(md) + "\n")

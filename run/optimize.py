@@ -318,7 +318,8 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
             schedule then carries ``t_model`` (file version 2); ``attach`` refuses such a schedule.
             With ``pool``, both fits are scored on the pool's ``pool - num_samples`` noises outside
             the fitted set and the decoupled one is kept only if it is not worse there
-            (``extra["decoupled_kept"]``, ``extra["pool_rest_rmse"]``).
+            (``extra["decoupled_kept"]``, ``extra["pool_rest_rmse"]``; that rest holds none of the
+            hardest noises, so this guards typical noises, not the rare hard ones).
         decoupled_evals: objective evaluations of that joint fit (default ``80 * steps``).
 
     Returns:
