@@ -127,3 +127,11 @@ def test_flow_time_one_is_left_alone():
     m = ModelTimeMap([1.0, 0.5, 0.2], [1.0, 0.55, 0.18], ns)
     assert float(m(torch.tensor([1.0]))) == 1.0
     assert float(m(torch.tensor([0.5]))) == pytest.approx(0.55)
+
+
+def test_model_times_outside_this_noise_schedule_are_refused_when_the_schedule_is_used():
+    sched = schedule_from_times(T, NS, model="m", solver="ddim", method="ld3", objective=0.0,
+                                t_model=(999.0, 731.5, 380.25, 171.0, -5.0))
+    with pytest.raises(ValueError, match=r"model times .* outside the noise schedule's range") as info:
+        Sampler(SOLVERS.create("ddim"), sched, len(T))(GMM.denoiser(NS), torch.zeros(2, 3, dtype=torch.float64))
+    assert "\n" not in str(info.value)
