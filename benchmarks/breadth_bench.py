@@ -216,11 +216,11 @@ def optimizer_version() -> str:
 
 def opt_label(args) -> str:
     """The schedule column of an optimised cell: the method, ``+pool`` for a stratified calibration set,
-    ``+decoupled`` for LD3 with decoupled model times, ``,fit=B/P`` for a pool other than 1,024 of 16,384,
-    ``,t0=t_max`` when the first time is kept at t_max."""
+    ``+decoupled`` for LD3 with decoupled model times, ``,fit=BofP`` for a pool other than 1,024 of
+    16,384 (no ``/``: the label is part of a file name), ``,t0=t_max`` when the first time is kept at t_max."""
     return (f"optimised:{GMM_OPT_METHOD}" + ("+pool" if args.opt_pool else "")
             + ("+decoupled" if args.opt_decoupled else "")
-            + (f",fit={args.opt_calib}/{args.opt_pool}" if args.opt_pool and (args.opt_calib, args.opt_pool)
+            + (f",fit={args.opt_calib}of{args.opt_pool}" if args.opt_pool and (args.opt_calib, args.opt_pool)
                != (1024, 16384) else "")
             + (",t0=t_max" if args.opt_fixed_start else "")
             + (f",evals={args.opt_max_evals}" if args.opt_max_evals else ""))
