@@ -276,7 +276,7 @@ def phase_gmm_opt(args, log) -> None:
                                                          else "")
                                                       + (", decoupled=True" if args.opt_decoupled else "")
                                                       + (", free_start=False)" if args.opt_fixed_start else ")"))
-                    tag = label.replace(":", "_").replace(",", "_").replace("=", "")
+                    tag = label.replace(":", "_").replace(",", "_").replace("=", "").replace("/", "_")
                     sched.save(args.work / f"opt_{pname}_{solver}_{nfe}_{tag}_{version}.json")
                     out = Sampler(SOLVERS.create(solver), sched, nfe)(den, noise)
                     t0 = round(out.grid.t_list[0], 6)

@@ -374,9 +374,10 @@ def optimize_schedule(model: Any = None, *, solver: str = "dpmpp_2m", steps: int
         teacher, index, pool_record, endpoints = stratified_teacher(target, solver_obj, steps, num_samples, builtins,
                                                                     fine_steps, teacher_substeps, progress, seed,
                                                                     (cfg_scale, prompt, device))
-        rest = torch.ones(pool, dtype=torch.bool)
-        rest[index] = False
-        held_out = (target.subset(rest.nonzero().flatten()), endpoints[rest])
+        if decoupled:  # the pool's noises outside the fitted set, to check the decoupled fit on
+            rest = torch.ones(pool, dtype=torch.bool)
+            rest[index] = False
+            held_out = (target.subset(rest.nonzero().flatten()), endpoints[rest])
         target = target.subset(index)
     if teacher is None:
         teacher = _teacher(target, fine_steps, teacher_substeps, progress)

@@ -38,6 +38,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -434,24 +435,35 @@ def ld3_schedule(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int,
     for n, params in enumerate(stages):
         stop = budget if n == len(stages) - 1 else 1 + (budget - 1) // len(stages)
 
-        def objective(theta: np.ndarray, params: LogSigmaParams = params) -> float:
-            evals[0] += 1
-            bar.update()
-            t = params.times(theta)
-            try:
-                f = endpoint_rmse(solver, denoise, teacher, t)
-            except ValueError:  # times collapsed onto each other by clamping
-                return float("inf")
-            if not math.isfinite(f):
-                return float("inf")
-            if f < best["f"]:
-                best["f"], best["t"] = f, t
-                bar.set_postfix(rmse=f"{f:.4g}")
-            return f
-
+        objective = recorded_objective(lambda theta, params=params: {"t": params.times(theta)},
+                                       lambda t: endpoint_rmse(solver, denoise, teacher, t), best, bar, evals)
         restarted_nelder_mead(objective, lambda params=params: params.theta(best["t"]), stop, evals)
     bar.close()
     return best["t"], best["f"], evals[0]
+
+
+def recorded_objective(times: Callable[[np.ndarray], dict[str, Tensor]], score: Callable[..., float], best: dict,
+                       bar: Any, evals: list[int]) -> Callable[[np.ndarray], float]:
+    """The Nelder-Mead objective of the LD3 fits: ``score(**times(z))``, counted in ``evals[0]`` and
+    on ``bar``; ``inf`` where the score raises ``ValueError`` (times collapsed onto each other by
+    clamping) or is not finite; a new best is kept in ``best`` (``"f"`` and the fields of ``times``)."""
+
+    def objective(z: np.ndarray) -> float:
+        evals[0] += 1
+        bar.update()
+        fields = times(z)
+        try:
+            f = score(**fields)
+        except ValueError:
+            return float("inf")
+        if not math.isfinite(f):
+            return float("inf")
+        if f < best["f"]:
+            best.update(f=f, **fields)
+            bar.set_postfix(rmse=f"{f:.4g}")
+        return f
+
+    return objective
 
 
 def restarted_nelder_mead(objective: Callable[[np.ndarray], float], start: Callable[[], np.ndarray], stop: int,
@@ -548,21 +560,9 @@ def ld3_decoupled(solver: Solver, denoise: Denoise, teacher: Teacher, steps: int
     budget = max_evals if max_evals is not None else 80 * steps
     bar = tqdm(total=budget, disable=not progress, leave=False, desc="ld3 decoupled")
 
-    def objective(z: np.ndarray) -> float:
-        evals[0] += 1
-        bar.update()
-        t, t_model = params.times(z)
-        try:
-            f = endpoint_rmse(solver, denoise, teacher, t, t_model)
-        except ValueError:  # times collapsed onto each other by clamping
-            return float("inf")
-        if not math.isfinite(f):
-            return float("inf")
-        if f < best["f"]:
-            best.update(f=f, t=t, t_model=t_model)
-            bar.set_postfix(rmse=f"{f:.4g}")
-        return f
-
+    objective = recorded_objective(lambda z: dict(zip(("t", "t_model"), params.times(z))),
+                                   lambda t, t_model: endpoint_rmse(solver, denoise, teacher, t, t_model),
+                                   best, bar, evals)
     restarted_nelder_mead(objective, lambda: params.z(best["t"], best["t_model"]), budget, evals, xatol=1e-4)
     bar.close()
     return best["t"], best["t_model"], best["f"], evals[0]
