@@ -16,7 +16,9 @@ Phases (``--phase``; cells go to ``--work/*.jsonl``, a rerun resumes; every comm
   built-in rows; cells are keyed by a hash of the optimiser's source, the report takes the newest.
 * ``gmm_big`` -- the configurations that start at ``t_max`` rescored on ``--big-samples`` (16,384) other
   held-out noises per problem (``--big-problems``): the ``--big-top`` best pre-issue and best new built-in
-  configurations per NFE by the 2,048-noise RMSE, and every optimised grid. The RMSE of a few thousand
+  configurations per NFE by the 2,048-noise RMSE, and every optimised grid. Cells are keyed by the set's
+  size (the committed run has 16,384 and 65,536; the larger set starts with the smaller one's noises), and
+  the report gives each set its table with the flip-count ratio and its exact 95% interval. The RMSE of a few thousand
   noises is dominated by the few that end in another mixture component (on ``64d`` one of 2,048 adds
   about 0.016), so the ratio at high NFE is re-measured on more noises.
 * ``screen`` -- MNIST-FD at NFE 5, N = ``--screen-samples`` (250), seed 0, for ``--screen-solvers`` x
@@ -304,8 +306,8 @@ def phase_gmm_big(args, log) -> None:
     from diffsample.samplers import schedule_optimizer as so
 
     path = args.work / "gmm_big.jsonl"
-    done = {(c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version")) for c in
-            read_jsonl(path)}
+    done = {(c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"), c["samples"])
+            for c in read_jsonl(path)}
     ns = DiscreteVP.from_config(SD_BETAS)
     cells = [c for c in read_jsonl(args.work / "gmm.jsonl") if c.get("t0") is not None and c["t0"] >= T_MAX - 1e-6
              and math.isfinite(c["rmse"])]
@@ -327,7 +329,7 @@ def phase_gmm_big(args, log) -> None:
                 jobs += [(c, None) for c in before + now]
                 jobs += [(c, c["t"]) for c in opt if c["problem"] == pname and c["nfe_target"] == nfe]
             for c, t in jobs:
-                k = (pname, c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"))
+                k = (pname, c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"), args.big_samples)
                 if k in done:
                     continue
                 solver = SOLVERS.create(c["solver"])
@@ -377,10 +379,25 @@ def big_table(rows: list[dict]) -> list[str]:
         return "-" if c is None else f"{fmt(c['rmse'])} ({c['flips']})"
 
     return ratio_table("| problem | NFE | best pre-issue | RMSE (flips) | best new built-in | RMSE (flips) | "
-                       "best optimised | RMSE (flips) |", rows,
+                       "best optimised | RMSE (flips) | flips before / now (95% CI) |", rows,
                        lambda r: f"{cfg(r['before'])} | {val(r['before'])} | {cfg(r['builtin'])} | "
-                                 f"{val(r['builtin'])} | {cfg(r['optimised'])} | {val(r['optimised'])}",
+                                 f"{val(r['builtin'])} | {cfg(r['optimised'])} | {val(r['optimised'])} | "
+                                 f"{flip_ratio(r['before'], r['now'])}",
                        "cells of this set")
+
+
+def flip_ratio(before: dict | None, now: dict | None) -> str:
+    """Flip count ratio before / now with an exact 95% interval: given ``k_before + k_now`` flips on the
+    same noises, ``k_now`` is binomial with ``p = rate_now / (rate_now + rate_before)`` (Clopper-Pearson)."""
+    if before is None or now is None or before["flips"] + now["flips"] == 0:
+        return "-"
+    from scipy.stats import binomtest
+
+    kb, kn = before["flips"], now["flips"]
+    ci = binomtest(kn, kb + kn).proportion_ci(0.95)
+    lo = (1 - ci.high) / ci.high
+    hi = math.inf if ci.low == 0 else (1 - ci.low) / ci.low
+    return f"{fmt(kb / kn) if kn else 'inf'} ({fmt(lo)}-{fmt(hi) if math.isfinite(hi) else 'inf'})"
 
 
 def ratio_table(head: str, rows: list[dict], middle, cells_word: str) -> list[str]:
@@ -654,7 +671,8 @@ def report(args, log) -> None:
             f"from the evaluation noises) for {', '.join(GMM_OPT_SOLVERS)}; on 64d also `optimised:ld3+pool,t0=t_max`: "
             "`num_samples=1024, pool=16384, free_start=False` (a stratified calibration set: the 512 of 16,384 "
             "noises that the built-in schedules get most wrong plus 512 drawn from the rest, weighted; the first "
-            "time kept at t_max) for uni_pc, unipc_bh2 and uni_pc_bh2 (the commands). 'Before' stays the "
+            "time kept at t_max) for uni_pc, unipc_bh2 and uni_pc_bh2, and for uni_pc at NFE 15 and 20 also "
+            "`num_samples=4096, pool=65536` (`fit=4096of65536`; the commands). 'Before' stays the "
             "pre-issue built-ins.",
             "", *gmm_ratio_table(gsum_opt), "",
             "### Both readings again, only runs that start at t_max = 999", "",
@@ -664,26 +682,30 @@ def report(args, log) -> None:
             "Restricted to runs with `t_0 = t_max` (before and now alike):", "",
             "Built-in schedules only:", "", *gmm_ratio_table(gsum_tmax), "",
             "Including optimised schedules:", "", *gmm_ratio_table(gsum_opt_tmax), ""]
-    big_cells = list({(c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version")): c
-                      for c in read_jsonl(args.work / "gmm_big.jsonl")}.values())
+    big_cells = list({(c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"),
+                       c["samples"]): c for c in read_jsonl(args.work / "gmm_big.jsonl")}.values())
     big_cells = [c for c in big_cells if not c["schedule"].startswith("optimised")  # optimised: the newest only
                  or any((o["problem"], o["solver"], o["schedule"], o["nfe_target"], o.get("optimizer_version"))
                         == (c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"))
                         for o in opt_cells)]
+    sizes = sorted({c["samples"] for c in big_cells})
     if big_cells:
-        bsum = big_summary(big_cells)
+        bsums = {n: big_summary([c for c in big_cells if c["samples"] == n]) for n in sizes}
         gmm_json = json.loads((args.out / "breadth_gmm.json").read_text())
-        gmm_json.update(summary_large_set=bsum, large_set_cells=big_cells)
+        gmm_json.update(summary_large_set=bsums[sizes[0]], large_set_cells=big_cells,
+                        summary_large_sets={str(n): rows for n, rows in bsums.items()})
         (args.out / "breadth_gmm.json").write_text(json.dumps(gmm_json))
-        n_big = big_cells[0]["samples"]
-        out += ["### Reading 3: runs from t_max rescored on a larger held-out set", "",
-                f"On the 64-D mixture a few of the 2,048 evaluation noises decide the RMSE: a noise that the solver sends "
+        out += ["### Reading 3: runs from t_max rescored on larger held-out sets", "",
+                "On the 64-D mixture a few of the 2,048 evaluation noises decide the RMSE: a noise that the solver sends "
                 "into another mixture component than the exact ODE adds about 0.016 on its own, and at NFE 15-20 there "
                 "are 0-3 such noises per configuration. The configurations that start at t_max (the "
-                f"`--big-top` best pre-issue and best new built-in ones per NFE by the 2,048-noise RMSE, and every "
-                f"optimised grid) were rerun on {n_big:,} other noises (seed `NOISE_SEEDS + {BIG_SEED_OFFSET}`) against "
-                "the exact ODE from t_max; in parentheses the number of noises that end in another component than the "
-                "exact solution ('flips').", "", *big_table(bsum), ""]
+                "`--big-top` best pre-issue and best new built-in ones per NFE by the 2,048-noise RMSE, and every "
+                f"optimised grid) were rerun on {' and '.join(f'{n:,}' for n in sizes)} other noises (seed "
+                f"`NOISE_SEEDS + {BIG_SEED_OFFSET}`; a larger set starts with the noises of a smaller one) against "
+                "the exact ODE from t_max; in parentheses the number of noises that end in another component than "
+                "the exact solution ('flips').", ""]
+        for n in sizes:
+            out += [f"{n:,} noises:", "", *big_table(bsums[n]), ""]
     if opt_cells:
         versions_ = sorted({c["optimizer_version"] for c in opt_cells})
         out += [f"Optimised rows (RMSE on the evaluation noises; optimiser content hash {', '.join(versions_)}; "
