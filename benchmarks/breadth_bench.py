@@ -18,8 +18,8 @@ Phases (``--phase``; cells go to ``--work/*.jsonl``, a rerun resumes; every comm
   held-out noises per problem (``--big-problems``): the ``--big-top`` best pre-issue and best new built-in
   configurations per NFE by the 2,048-noise RMSE, and every optimised grid. Cells are keyed by the set's
   size (the committed run has 16,384 and 65,536; the larger set starts with the smaller one's noises), and
-  the report gives each set its table with the flip-count ratio and its exact 95% interval. The RMSE of a few thousand
-  noises is dominated by the few that end in another mixture component (on ``64d`` one of 2,048 adds
+  the report gives each set its table with the flip-count ratio and its exact 95% interval. The RMSE of a
+  few thousand noises is dominated by the few that end in another mixture component (on ``64d`` one of 2,048 adds
   about 0.016), so the ratio at high NFE is re-measured on more noises.
 * ``screen`` -- MNIST-FD at NFE 5, N = ``--screen-samples`` (250), seed 0, for ``--screen-solvers`` x
   ``MNIST_SCHEDULES`` (the first solver x ``MNIST_SCHEDULES_ALL``): to pick the configurations worth N = 1,000.
@@ -301,13 +301,17 @@ BIG_SEED_OFFSET = 7777
 set and from the calibration seeds 10**12 ..)."""
 
 
+def cell_key(c: dict) -> tuple:
+    """What tells two GMM cells of one evaluation set apart: problem, solver, schedule, NFE, optimiser hash."""
+    return c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version")
+
+
 def phase_gmm_big(args, log) -> None:
     """Rescore on a large held-out set (module docstring)."""
     from diffsample.samplers import schedule_optimizer as so
 
     path = args.work / "gmm_big.jsonl"
-    done = {(c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"), c["samples"])
-            for c in read_jsonl(path)}
+    done = {(*cell_key(c), c["samples"]) for c in read_jsonl(path)}
     ns = DiscreteVP.from_config(SD_BETAS)
     cells = [c for c in read_jsonl(args.work / "gmm.jsonl") if c.get("t0") is not None and c["t0"] >= T_MAX - 1e-6
              and math.isfinite(c["rmse"])]
@@ -329,7 +333,7 @@ def phase_gmm_big(args, log) -> None:
                 jobs += [(c, None) for c in before + now]
                 jobs += [(c, c["t"]) for c in opt if c["problem"] == pname and c["nfe_target"] == nfe]
             for c, t in jobs:
-                k = (pname, c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"), args.big_samples)
+                k = (*cell_key(c), args.big_samples)
                 if k in done:
                     continue
                 solver = SOLVERS.create(c["solver"])
@@ -682,12 +686,10 @@ def report(args, log) -> None:
             "Restricted to runs with `t_0 = t_max` (before and now alike):", "",
             "Built-in schedules only:", "", *gmm_ratio_table(gsum_tmax), "",
             "Including optimised schedules:", "", *gmm_ratio_table(gsum_opt_tmax), ""]
-    big_cells = list({(c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"),
-                       c["samples"]): c for c in read_jsonl(args.work / "gmm_big.jsonl")}.values())
+    big_cells = list({(*cell_key(c), c["samples"]): c for c in read_jsonl(args.work / "gmm_big.jsonl")}.values())
+    newest_opt = {cell_key(o) for o in opt_cells}
     big_cells = [c for c in big_cells if not c["schedule"].startswith("optimised")  # optimised: the newest only
-                 or any((o["problem"], o["solver"], o["schedule"], o["nfe_target"], o.get("optimizer_version"))
-                        == (c["problem"], c["solver"], c["schedule"], c["nfe_target"], c.get("optimizer_version"))
-                        for o in opt_cells)]
+                 or cell_key(c) in newest_opt]
     sizes = sorted({c["samples"] for c in big_cells})
     if big_cells:
         bsums = {n: big_summary([c for c in big_cells if c["samples"] == n]) for n in sizes}

@@ -43,10 +43,9 @@ from diffsample.samplers import schedule_optimizer as so  # noqa: E402
 from diffsample.samplers.sampler import prior_scale  # noqa: E402
 from diffsample.solvers import SOLVERS, STEP_SCHEDULES, DiscreteVP  # noqa: E402
 from diffsample.testbed.gmm import GaussianMixture  # noqa: E402
-from gmm_solvers import NOISE_SEEDS, PROBLEMS, SD_BETAS, References, rmse  # noqa: E402
+from breadth_bench import BIG_SEED_OFFSET, T_MAX  # noqa: E402
+from gmm_solvers import NOISE_SEEDS, PROBLEMS, SD_BETAS, References, flipped, rmse  # noqa: E402
 
-BIG_SEED_OFFSET = 7777  # breadth_bench.BIG_SEED_OFFSET
-T_MAX = 999.0
 BUILTIN = [(s, sc) for s in ("uni_pc", "uni_pc_bh2", "ipndm")
            for sc in ("karras:rho=5", "karras", "exponential", "linspace", "trailing")]
 
@@ -69,13 +68,12 @@ def main() -> None:
     noise = torch.randn(args.samples, 64, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(NOISE_SEEDS["64d"] + BIG_SEED_OFFSET))
     ref = References(gmm, ns, noise, 1e-10, args.ref_cache, "64dbig")(T_MAX)
-    label = gmm.component_posterior(ref).argmax(1)
 
     def score(name: str, x: torch.Tensor) -> dict:
         err = ((x - ref) ** 2).mean(1).sqrt()
-        flipped = torch.nonzero(gmm.component_posterior(x.double()).argmax(1) != label).flatten().tolist()
-        return dict(config=name, rmse=rmse(x, ref), flips=len(flipped), median_error=float(err.median()),
-                    flipped=flipped)
+        index = torch.nonzero(flipped(gmm, x, ref)).flatten().tolist()
+        return dict(config=name, rmse=rmse(x, ref), flips=len(index), median_error=float(err.median()),
+                    flipped=index)
 
     rows = []
     for solver, sched in BUILTIN:
@@ -109,7 +107,7 @@ def main() -> None:
         cont = gmm.reference_ode(x, ns, t_next, None, rtol=1e-9, atol=1e-9)
         exact = gmm.reference_ode(x_start, ns, grid.t_list[0], t_next, rtol=1e-10, atol=1e-10)
         steps.append(dict(step=i, t=t_next,
-                          wrong=(gmm.component_posterior(cont).argmax(1) != label[idx]).int().tolist(),
+                          wrong=flipped(gmm, cont, ref[idx]).int().tolist(),
                           distance=((x - exact) ** 2).sum(1).sqrt().tolist()))
     write(args, rows, decide, steps, time.perf_counter() - start)
 

@@ -111,10 +111,16 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
+def flipped(gmm: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Boolean mask, shape ``(B,)``: samples whose most likely mixture component differs from the
+    reference's ("mode flips")."""
+    return gmm.component_posterior(x.double()).argmax(1) != gmm.component_posterior(ref).argmax(1)
+
+
 def mode_flips(gmm: GaussianMixture, x: torch.Tensor, ref: torch.Tensor) -> int:
     """Samples whose most likely mixture component differs from the reference's: in 64-D a handful of
     such "mode flips" (error ~ distance between means) dominates the RMSE."""
-    return int((gmm.component_posterior(x.double()).argmax(1) != gmm.component_posterior(ref).argmax(1)).sum())
+    return int(flipped(gmm, x, ref).sum())
 
 
 class References:
